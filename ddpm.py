@@ -700,8 +700,7 @@ def setup_device(args):
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per torchrun process
         torch.cuda.set_device(name)
         torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN pick the fastest convs
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers may use TF32 tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # float32 matmuls may use TF32 tensor cores
     device = torch.device(name)
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     if amp == "fp16" and device.type != "cuda":
@@ -907,7 +906,7 @@ def train(args):
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         else:
             torch.manual_seed(args.seed + rank + world * step)
-    sampler_model = torch.compile(ema) if args.compile else ema  # samples come from the EMA
+    # a fixed x_T for every grid, so that grids are comparable; eager: 64 images are not worth a compile
     grid_x_T = torch.randn((64, C, H, W), generator=torch.Generator().manual_seed(args.seed)).to(device)
     if rank == 0:
         log_file = open(out_dir / "log.csv", "a" if ckpt else "w", newline="")
@@ -1001,7 +1000,7 @@ def train(args):
             if end_of_epoch and args.sample_every and rank == 0 and (step // steps_per_epoch) % args.sample_every == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
                 path = out_dir / "grids" / f"epoch_{step // steps_per_epoch:04d}.png"
-                save_grid(run_sampler(diffusion, sampler_model, grid_x_T, args, dtype,
+                save_grid(run_sampler(diffusion, ema, grid_x_T, args, dtype,
                                       torch.Generator(device).manual_seed(args.seed)), path, nrow=8)
                 if args.wandb:
                     wandb.log({"samples": wandb.Image(str(path))}, step=step)
@@ -1019,7 +1018,7 @@ def train(args):
             log_file.close()
 
     if rank == 0:  # the final pictures, from the EMA weights and the fixed x_T
-        path = save_samples_and_trajectory(diffusion, sampler_model, grid_x_T, args, dtype, out_dir)
+        path = save_samples_and_trajectory(diffusion, ema, grid_x_T, args, dtype, out_dir)
         print(f"done: {step} steps in {elapsed() / 60:.1f} min; {ckpt_path}, {path}, "
               f"{out_dir / 'reverse_process.png'}")
         if args.wandb:
@@ -1129,36 +1128,36 @@ def bench(args):
         x_0 = get_batch(data, torch.arange(k % 4 * B, (k % 4 + 1) * B, device=device), True, memory_format)
         train_step(model, net, ema, diffusion, optimizer, scheduler, scaler, x_0, k, args, dtype)
 
-    train_warm = timed(train_fn, args.warmup_steps)
-    train_time = timed(train_fn, args.steps)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"bench: {args.model}, {count_parameters(net):,} parameters, {S}x{S}, amp {dtype}, "
+          f"compile {args.compile}, {where}, torch {torch.__version__}")
+    print(f"{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}", flush=True)
+
+    def report(name, batch, warm, seconds):  # each row as soon as it is measured
+        print(f"{name:8} {batch:>6} {args.steps * batch / seconds:>10,.1f} "
+              f"{1e3 * seconds / args.steps:>9.2f} {warm:>10.1f}", flush=True)
+
+    warm = timed(train_fn, args.warmup_steps)
+    report("train", B, warm, timed(train_fn, args.steps))
     train_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
     sampler_model = torch.compile(ema) if args.compile else ema
     x_t = torch.randn(args.sample_batch_size, C, S, S, device=device).contiguous(memory_format=memory_format)
     t = torch.randint(0, args.timesteps, (args.sample_batch_size,), device=device)
 
-    def sample_fn(k):
+    def sample_fn(k):  # one network evaluation of a sampler step, as in p_sample
         with torch.inference_mode(), autocast(device, dtype):
             sampler_model(x_t, t)
 
-    sample_warm = timed(sample_fn, args.warmup_steps)
-    sample_time = timed(sample_fn, args.steps)
+    warm = timed(sample_fn, args.warmup_steps)
+    report("sample", args.sample_batch_size, warm, timed(sample_fn, args.steps))
     if device.type == "cuda":
-        peak = f"{train_peak / 2**30:.2f} GiB (GPU, training)"
-        where = torch.cuda.get_device_name(device)
+        peak = f"{train_peak / 2**30:.2f} GiB of GPU memory while training"
     else:
         import resource  # Unix only, and only needed here
+
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
-        where = f"{device} ({torch.get_num_threads()} threads)"
-    print(f"bench: {args.model}, {count_parameters(net):,} parameters, {S}x{S}, amp {dtype}, "
-          f"compile {args.compile}, {where}, torch {torch.__version__}")
-    print(f"{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}")
-    print(f"{'train':8} {B:>6} {args.steps * B / train_time:>10,.1f} {1e3 * train_time / args.steps:>9.2f} "
-          f"{train_warm:>10.1f}")
-    print(f"{'sample':8} {args.sample_batch_size:>6} "
-          f"{args.steps * args.sample_batch_size / sample_time:>10,.1f} "
-          f"{1e3 * sample_time / args.steps:>9.2f} {sample_warm:>10.1f}")
-    print(f"peak memory: {peak}; sample = one network evaluation per image (a sampler step)")
+    print(f"peak memory: {peak}; sample = one network evaluation per image (one sampler step)")
 
 
 # -----------------------------------------------------------------------------
