@@ -11,6 +11,7 @@ Commands
     python ddpm.py sample --ckpt runs/res_att/ckpt.pt --num-samples 64
     python ddpm.py forward                                      # the forward-process picture
     python ddpm.py bench --model res_att --compile              # training and sampling speed
+    python ddpm.py compare runs/conv runs/res runs/res_att      # loss curves side by side
     pip install -r requirements.txt pytest && python -m pytest -q
 
 Paper symbols and their names here
@@ -48,7 +49,8 @@ Section map
              p_sample, p_sample_loop, ddim_sample_loop)
     Part II  the noise-prediction networks: timestep embedding, blocks, ConvUNet, ResUNet,
              ResAttUNet (the paper's 35.7M-parameter network), MODELS
-    Part III the script: data, checkpoints, train (Alg. 1), sample, forward, bench, main
+    Part III the script: data, checkpoints, train (Alg. 1), sample (Alg. 2), forward, bench,
+             compare, the command line
 """
 
 import argparse
@@ -95,6 +97,7 @@ def make_beta_schedule(kind, timesteps, beta_start=1e-4, beta_end=0.02):
         # float64 so that alpha_bar, a product of 1000 factors, keeps its digits
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
     if kind == "cosine":
+        # NOTE(paper): not in the paper (Nichol & Dhariwal 2021); --schedule cosine, off by default
         s = 0.008
         # t/T for t = 0..T: the T+1 grid points on which alpha_bar is defined
         frac = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
@@ -118,7 +121,7 @@ def ddim_timesteps(num_timesteps, steps):
 
 
 # -----------------------------------------------------------------------------
-# extract: one coefficient per sample, ready to broadcast
+# extract: one coefficient per sample, ready to broadcast  [the per-t scalars of Eq. 4-15]
 # -----------------------------------------------------------------------------
 # Time-index rule: code t in {0..T-1} is paper step t+1, so a[t] is the paper's a_{t+1}.
 
@@ -152,9 +155,9 @@ class GaussianDiffusion(nn.Module):
         if betas.ndim != 1 or len(betas) < 2 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must be a 1-D schedule of at least 2 values in (0, 1)")
         self.num_timesteps = len(betas)  # T
-        # alpha_t = 1 - beta_t  [Eq. 4 context]
+        # alpha_t = 1 - beta_t  [Sec. 2, before Eq. 4]
         alphas = 1.0 - betas
-        # alpha_bar_t = prod_{s<=t} alpha_s  [Eq. 4 context]
+        # alpha_bar_t = prod_{s<=t} alpha_s  [Sec. 2, before Eq. 4]
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         # alpha_bar_{t-1}, with alpha_bar_0 = 1 before the first step
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
@@ -308,6 +311,7 @@ class GaussianDiffusion(nn.Module):
         beta_tilde. When x_0_pred is clipped, eps is recomputed from the clipped x_0_pred so that
         the step stays on the DDIM path. Returns like p_sample_loop (keep: code steps kept).
         """
+        # NOTE(paper): DDIM is not in the paper (Song et al. 2021); --sampler ddim, off by default
         _check_eval(model)
         device = self.betas.device
         timesteps = ddim_timesteps(self.num_timesteps, steps)
@@ -702,6 +706,7 @@ def setup_device(args):
         torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN pick the fastest convs
         torch.set_float32_matmul_precision("high")  # float32 matmuls may use TF32 tensor cores
     device = torch.device(name)
+    # NOTE(paper): bf16 autocast on CUDA by default (float32 master weights); --amp none for float32
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs --device cuda; use --amp bf16 or --amp none")
@@ -773,15 +778,15 @@ def run_sampler(diffusion, model, x_T, args, dtype, generator, trajectory=0):
         )
 
 
-def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, name="samples.png"):
+def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
     """The sample grid from a fixed x_T, and the progressive-generation picture: for the first
     8 images a row each, x_t at 9 evenly spaced steps from pure noise, then the final x_0."""
     generator = torch.Generator(x_T.device).manual_seed(args.seed)  # the same z every time
     x_0, xs = run_sampler(diffusion, model, x_T, args, dtype, generator, trajectory=9)
-    save_grid(x_0, out_dir / name, nrow=8)
+    save_grid(x_0, out_dir / "samples.png", nrow=8)
     rows = torch.cat([xs[:, :8], x_0[None, :8]]).transpose(0, 1)  # (8, 10, C, H, W)
     save_grid(rows.flatten(0, 1), out_dir / "reverse_process.png", nrow=rows.shape[1])
-    return out_dir / name
+    return out_dir / "samples.png"
 
 
 # -----------------------------------------------------------------------------
@@ -806,7 +811,8 @@ def build_training(args, channels, device, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # fp16 only
     model = net
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.index is not None else None)
+        # gradients averaged over the ranks during backward; the EMA and optimiser see them on every rank
+        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         # inductor fuses GroupNorm + SiLU, bias + add, etc. At batch 128 the step is a thousand
         # short kernels, so on one GPU "reduce-overhead" also replays them as CUDA graphs
@@ -839,10 +845,10 @@ def train_step(model, net, ema, diffusion, optimizer, scheduler, scaler, x_0, st
     return loss.detach(), grad_norm
 
 
-# flags that may differ when a run is resumed; all others come from the checkpoint
+# flags a resumed run may change; the others (network, data, recipe) must match the checkpoint
 RESUME_MAY_CHANGE = {
-    "epochs", "max_steps", "resume", "out_dir", "data_dir", "device", "amp", "compile",
-    "ckpt_every", "sample_every", "log_every", "wandb", "sampler", "sample_steps", "eta",
+    "epochs", "max_steps", "data_dir", "device", "amp", "compile", "ckpt_every", "sample_every",
+    "log_every", "wandb", "sampler", "sample_steps", "eta",
 }
 
 
@@ -857,14 +863,15 @@ def train(args):
     if args.resume:  # continue: the configuration comes from the checkpoint
         ckpt = load_checkpoint(ckpt_path)
         for key, saved in ckpt["config"].items():
-            if key in RESUME_MAY_CHANGE or not hasattr(args, key):
+            if key in ("resume", "out_dir") or not hasattr(args, key):
                 continue
-            if key in args.explicit and getattr(args, key) != saved:
+            if key not in args.explicit:  # what was not typed comes from the checkpoint
+                setattr(args, key, saved)
+            elif key not in RESUME_MAY_CHANGE and getattr(args, key) != saved:
                 raise UserError(
                     f"--resume: --{key.replace('_', '-')} {getattr(args, key)} contradicts the "
                     f"checkpoint's {saved}; drop the flag, or start a new run in another --out-dir"
                 )
-            setattr(args, key, saved)
     elif ckpt_path.exists():
         raise UserError(f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir")
     if args.batch_size % world:
@@ -932,14 +939,17 @@ def train(args):
     def elapsed():
         return elapsed_before + time.time() - t_start
 
-    def checkpoint():
-        """Save after making sure no loss went non-finite since the last save."""
-        nonlocal saved_step
-        if int(bad_step) >= 0:  # waits for the GPU: only at log and save points
+    def check_finite():
+        """Stop, saving nothing, if a loss went NaN or infinite (waits for the GPU: log and save points)."""
+        if int(bad_step) >= 0:
             raise UserError(
                 f"the loss became NaN or infinite at step {int(bad_step)}; stopped without saving, "
                 f"so {ckpt_path} still holds step {saved_step} (try --amp none or a lower --lr)"
             )
+
+    def checkpoint():
+        nonlocal saved_step
+        check_finite()
         if rank == 0:
             save_checkpoint(ckpt_path, {
                 "format": CKPT_FORMAT, "config": config, "step": step, "epoch": step // steps_per_epoch,
@@ -954,6 +964,7 @@ def train(args):
 
     def write_log(grad_norm):
         """One log.csv row (and a console line every few seconds), from tensors read here only."""
+        check_finite()
         now = time.time()
         loss = loss_sum.item() / (step - last["step"])
         loss_sum.zero_()
@@ -1003,9 +1014,10 @@ def train(args):
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or step == total_steps or (args.ckpt_every and step % args.ckpt_every == 0):
                 checkpoint()
-            if end_of_epoch and args.sample_every and rank == 0 and (step // steps_per_epoch) % args.sample_every == 0:
+            epoch = step // steps_per_epoch
+            if end_of_epoch and args.sample_every and epoch % args.sample_every == 0 and rank == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
-                path = out_dir / "grids" / f"epoch_{step // steps_per_epoch:04d}.png"
+                path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 save_grid(run_sampler(diffusion, ema, grid_x_T, args, dtype,
                                       torch.Generator(device).manual_seed(args.seed)), path, nrow=8)
                 if args.wandb:
@@ -1016,7 +1028,7 @@ def train(args):
         checkpoint()
         print(f"\nstopped at step {step}: saved {ckpt_path}; continue with --resume --out-dir {out_dir}",
               file=sys.stderr)
-        raise SystemExit(130)
+        raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
@@ -1171,6 +1183,32 @@ def bench(args):
 
 
 # -----------------------------------------------------------------------------
+# compare: the loss curves of several runs, the original project's model comparison
+# -----------------------------------------------------------------------------
+
+
+def compare(args):
+    """Print the mean loss of each run over 8 equal stretches of steps, read from each log.csv:
+    the loss curves of several runs side by side, as a table."""
+    runs = {}
+    for folder in map(Path, args.runs):
+        try:
+            with open(folder / "log.csv", newline="") as f:
+                rows = list(csv.DictReader(f))
+            runs[folder.name] = (np.array([int(r["step"]) for r in rows]), np.array([float(r["loss"]) for r in rows]))
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{folder / 'log.csv'}: not a log written by train ({e})")
+        if not rows:
+            raise UserError(f"{folder / 'log.csv'} has no rows yet")
+    last = min(int(steps[-1]) for steps, _ in runs.values())  # the steps every run has reached
+    edges = [round(last * k / 8) for k in range(9)]
+    print(f"{'steps':>13} " + " ".join(f"{name:>10}" for name in runs))
+    for lo, hi in zip(edges, edges[1:]):
+        means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss in runs.values()]
+        print(f"{lo:>6}-{hi:<6} " + " ".join(f"{m:>10.4f}" for m in means))
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -1191,7 +1229,7 @@ def int_list(text):
 
 
 def build_parser():
-    """The four commands and their flags; returns (parser, {command: subparser})."""
+    """The five commands and their flags; returns (parser, {command: subparser})."""
     net = Parser(add_help=False)
     g = net.add_argument_group("network")
     g.add_argument("--model", choices=MODELS, default="res_att",
@@ -1228,11 +1266,10 @@ def build_parser():
 
     parser = Parser(prog="ddpm.py", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020). "
                     "With no command, trains.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,forward,bench}")
-    fmt = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,forward,bench,compare}")
     commands = {}
 
-    p = commands["train"] = sub.add_parser("train", parents=[net, run, data, sampling], allow_abbrev=False, formatter_class=fmt,
+    p = commands["train"] = sub.add_parser("train", parents=[net, run, data, sampling], allow_abbrev=False,
                                            help="train a model (Algorithm 1)", description="Train eps_theta with Algorithm 1.")
     g = p.add_argument_group("training")
     g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (default: flips for cifar10 and folder)")
@@ -1269,6 +1306,10 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--out-dir", default="runs", help="writes forward_process.png there (default: %(default)s)")
 
+    p = commands["compare"] = sub.add_parser("compare", allow_abbrev=False, help="compare the loss curves of runs",
+                                             description="Mean loss per stretch of steps for each run, as a table.")
+    p.add_argument("runs", nargs="+", help="run folders (each with the log.csv that train wrote)")
+
     p = commands["bench"] = sub.add_parser("bench", parents=[net, run], allow_abbrev=False,
                                            help="measure training and sampling speed", description="Training and sampling images/s on random data.")
     p.add_argument("--batch-size", type=int, default=128, help="training batch (default: %(default)s)")
@@ -1280,24 +1321,33 @@ def build_parser():
     return parser, commands
 
 
-def main(argv=None):
-    """Run a command (train when none is named); returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("train", "sample", "forward", "bench", "-h", "--help"):
+def parse_args(argv):
+    """Parse a command line (train when no command is named); records which flags were typed."""
+    argv = list(argv)
+    if not argv or argv[0] not in ("train", "sample", "forward", "bench", "compare", "-h", "--help"):
         argv.insert(0, "train")
     parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    # the flags typed on the command line (a resumed run may not contradict its checkpoint)
+    args.explicit = {a.dest for a in commands[args.command]._actions
+                     if any(tok.split("=")[0] in a.option_strings for tok in argv)}
+    for name in ("batch_size", "epochs", "timesteps", "image_size", "num_samples", "num_images", "steps", "log_every"):
+        if getattr(args, name, 1) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    """Run a command; returns the exit status: 0, 2 for bad input (one line on stderr), 130 for Ctrl-C."""
     try:
-        args = parser.parse_args(argv)
-        # the flags typed on the command line (a resumed run may not contradict its checkpoint)
-        args.explicit = {a.dest for a in commands[args.command]._actions
-                         if any(tok.split("=")[0] in a.option_strings for tok in argv)}
-        for name in ("batch_size", "epochs", "timesteps", "image_size", "num_samples", "num_images", "steps", "log_every"):
-            if getattr(args, name, 1) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        {"train": train, "sample": sample, "forward": forward, "bench": bench}[args.command](args)
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        {"train": train, "sample": sample, "forward": forward, "bench": bench, "compare": compare}[args.command](args)
     except UserError as e:
         print(f"ddpm.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: training has saved its checkpoint by now
+        print("ddpm.py: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

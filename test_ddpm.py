@@ -7,10 +7,12 @@ CPU only, offline, fixed seeds; the data is generated here. Run: python -m pytes
 import math
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,9 +452,44 @@ def test_tiny_model_overfits_a_fixed_batch(name):
     assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])
 
 
+def test_speed_paths_compute_the_same_function():
+    """torch.compile (inductor) and bf16 autocast change the speed, not the math: the compiled network equals eager to 1e-4, bf16 L_simple is within 2%."""
+    torch.manual_seed(0)
+    small = dict(base_channels=32, channel_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), image_size=8)
+    model = randomized(ddpm.ResAttUNet(in_channels=3, **small)).eval()
+    x, t = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x, t), model(x, t), atol=1e-4, rtol=1e-4)
+    d = linear_diffusion()
+    x_0, noise, t = torch.rand(16, 3, 8, 8) * 2 - 1, torch.randn(16, 3, 8, 8), torch.randint(0, 1000, (16,))
+    with torch.no_grad():
+        loss32 = d.p_losses(model, x_0, t, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss16 = d.p_losses(model, x_0, t, noise)
+    assert loss16.dtype == torch.float32 and abs(loss16.item() / loss32.item() - 1) < 0.02
+
+
 # -----------------------------------------------------------------------------
 # Part III: the script, through main()
 # -----------------------------------------------------------------------------
+
+
+def test_train_step_applies_lr_warmup_and_ema():
+    """train_step: Adam at lr * n / warmup (official code), then ema = d ema + (1 - d) net with d = min(0.9999, (1 + n) / (10 + n))."""
+    torch.manual_seed(0)
+    args = ddpm.parse_args(["--device", "cpu", *TINY_FLAGS, "--warmup", "10"])
+    net, model, ema, diffusion, opt, sched, scaler = ddpm.build_training(args, 3, torch.device("cpu"))
+    x_0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    for n in range(4):
+        ema_before, net_before = [p.clone() for p in ema.parameters()], [p.clone() for p in net.parameters()]
+        assert sched.get_last_lr()[0] == pytest.approx(2e-4 * n / 10)
+        loss, grad_norm = ddpm.train_step(model, net, ema, diffusion, opt, sched, scaler, x_0, n, args, None)
+        assert torch.isfinite(loss) and grad_norm > 0
+        moved = any(not torch.equal(a, b) for a, b in zip(net_before, net.parameters()))
+        assert moved == (n > 0)  # the first update has lr = 0, as in the official code
+        d = min(0.9999, (1 + n) / (10 + n))
+        for e0, e, p in zip(ema_before, ema.parameters(), net.parameters()):
+            torch.testing.assert_close(e, d * e0 + (1 - d) * p)
 
 
 def write_image_folder(root, n=40, channels=3, size=(10, 12)):
@@ -582,27 +619,37 @@ def test_resume_is_bit_identical(image_dir, tmp_path):
     assert rows[0].startswith("step") and int(rows[-1].split(",")[0]) == 13  # one log, appended
 
 
+def test_resume_keeps_the_runs_flags_and_takes_typed_ones(image_dir, tmp_path):
+    """--resume with only --out-dir takes the network, data and recipe from the checkpoint; a typed --max-steps applies."""
+    out = tmp_path / "run"
+    assert ddpm.main(train_flags(image_dir, out, "--max-steps", "3", "--lr", "1e-3", "--sample-every", "0")) == 0
+    assert ddpm.main(["--resume", "--out-dir", str(out), "--max-steps", "6", "--device", "cpu"]) == 0
+    ckpt = state_of(out)
+    assert ckpt["step"] == 6 and ckpt["config"]["lr"] == 1e-3 and ckpt["config"]["base_channels"] == 32
+    assert ckpt["config"]["data_dir"] == str(image_dir) and ckpt["config"]["max_steps"] == 6
+
+
 def test_ctrl_c_and_sigterm_save_a_loadable_checkpoint(image_dir, tmp_path, monkeypatch):
-    """SIGINT stops after the current step with a checkpoint; so does a KeyboardInterrupt raised inside the loop."""
+    """SIGTERM and SIGINT stop after the current step with a checkpoint; so does a KeyboardInterrupt raised inside a step."""
     real_step, calls = ddpm.train_step, []
 
-    def step_then_signal(*args, **kwargs):
+    def step_then_stop(*args, **kwargs):
         calls.append(1)
-        out = real_step(*args, **kwargs)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
         if len(calls) == 9:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # cut short before it changes anything
+        out = real_step(*args, **kwargs)
+        if len(calls) in (3, 6):  # as if the machine (SIGTERM) or the user (Ctrl-C) stopped us
+            signal.raise_signal(signal.SIGTERM if len(calls) == 3 else signal.SIGINT)
         return out
 
-    monkeypatch.setattr(ddpm, "train_step", step_then_signal)
-    with pytest.raises(SystemExit) as stop:
-        ddpm.main(train_flags(image_dir, tmp_path, "--epochs", "5", "--sample-every", "0"))
-    assert stop.value.code == 130 and state_of(tmp_path)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    with pytest.raises(SystemExit):
-        ddpm.main(train_flags(image_dir, tmp_path, "--resume", "--epochs", "5", "--sample-every", "0"))
-    assert state_of(tmp_path)["step"] == 8  # steps 4..8 completed, the 9th was cut short
+    monkeypatch.setattr(ddpm, "train_step", step_then_stop)
+    flags = train_flags(image_dir, tmp_path, "--epochs", "5", "--sample-every", "0")
+    assert ddpm.main(flags) == 130 and state_of(tmp_path)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert ddpm.main(flags + ["--resume"]) == 130 and state_of(tmp_path)["step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert ddpm.main(flags + ["--resume"]) == 130
+    assert state_of(tmp_path)["step"] == 8  # steps 7 and 8 completed, the 9th was cut short
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
@@ -662,6 +709,13 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
     assert (trained_run / "ckpt.pt").read_bytes() == before
 
 
+def test_wandb_without_the_package_is_a_clear_error(image_dir, tmp_path, monkeypatch, capsys):
+    """--wandb without wandb installed ends with one line saying how to install it, before any work."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes "import wandb" fail, installed or not
+    expect_error(train_flags(image_dir, tmp_path / "w", "--wandb"), "pip install wandb", capsys=capsys)
+    assert not (tmp_path / "w").exists()
+
+
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     """Without internet, --dataset cifar10 ends with one line pointing to the files or to --dataset folder."""
     def offline(*args, **kwargs):
@@ -700,10 +754,7 @@ def ddp_worker(rank, world, port, image_dir, out_dir):
     saves = []
     real_save = ddpm.save_checkpoint
     ddpm.save_checkpoint = lambda *a: saves.append(1) or real_save(*a)
-    parser, _ = ddpm.build_parser()
-    args = parser.parse_args(["train", *train_flags(image_dir, out_dir, "--max-steps", "3", "--sample-every", "0",
-                                                  "--dropout", "0.0")])
-    args.explicit = set()
+    args = ddpm.parse_args(train_flags(image_dir, out_dir, "--max-steps", "3", "--sample-every", "0", "--dropout", "0.0"))
     net = ddpm.train(args)
     torch.save({"params": net.state_dict(), "saves": len(saves)}, out_dir.parent / f"rank{rank}.pt")
 
@@ -718,3 +769,62 @@ def test_ddp_two_gloo_processes_stay_in_sync(image_dir, tmp_path):
     assert all(torch.equal(r0["params"][k], r1["params"][k]) for k in r0["params"])
     assert (r0["saves"], r1["saves"]) == (1, 0)
     assert state_of(tmp_path / "run")["step"] == 3
+
+
+def test_compare_tabulates_loss_curves(tmp_path, capsys):
+    """compare prints each run's mean loss over 8 stretches of steps, from the rows of log.csv."""
+    for name, scale in [("a", 1.0), ("b", 2.0)]:
+        (tmp_path / name).mkdir()
+        rows = ["step,epoch,loss,lr,grad_norm,images_per_s,elapsed_s"]
+        rows += [f"{s},0,{scale * s},1e-4,1.0,10.0,1.0" for s in range(10, 161, 10)]
+        (tmp_path / name / "log.csv").write_text("\n".join(rows) + "\n")
+    assert ddpm.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["steps", "a", "b"] and len(lines) == 9
+    assert lines[1].split() == ["0-20", "15.0000", "30.0000"]  # rows 10 and 20
+    assert lines[-1].split() == ["140-160", "155.0000", "310.0000"]
+    expect_error(["compare", str(tmp_path / "missing")], "log.csv", capsys=capsys)
+
+
+README = Path(ddpm.__file__).with_name("README.md")
+
+
+def readme_commands(text):
+    """The arguments of every ddpm.py command in the README: in bash blocks and inline code."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            for part in line.split(" #")[0].split("&&"):
+                tokens = shlex.split(part)
+                if "ddpm.py" in tokens:
+                    commands.append(tokens[tokens.index("ddpm.py") + 1:])
+    for inline in re.findall(r"`python ddpm\.py([^`]*)`", text.replace("\n", " ")):
+        commands.append(shlex.split(inline))
+    return commands
+
+
+def test_readme_commands_parse_and_pictures_exist():
+    """Every ddpm.py command line in the README is accepted by the parser; every picture it shows is in assets/ and small."""
+    text = README.read_text()
+    commands = readme_commands(text)
+    assert len(commands) >= 15
+    for argv in commands:
+        if "--help" in argv:
+            with pytest.raises(SystemExit) as done:
+                ddpm.parse_args(argv)
+            assert done.value.code == 0
+        else:
+            ddpm.parse_args(argv)  # raises UserError (one line) for any flag or value it does not take
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(pictures) >= 3
+    for path in pictures:
+        assert path.startswith("assets/") and (README.parent / path).is_file(), path
+        assert (README.parent / path).stat().st_size < 400_000, path
+
+
+def test_readme_setup_commands_and_ci_agree():
+    """The README gives the two set-up commands (train, test), and .ci/run runs the test one."""
+    text = README.read_text()
+    test_command = "pip install -r requirements.txt pytest && python -m pytest -q"
+    assert "pip install -r requirements.txt && python ddpm.py --model res_att --epochs 100" in text
+    assert test_command in text and test_command in (README.parent / ".ci" / "run").read_text()
