@@ -794,6 +794,19 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
 # -----------------------------------------------------------------------------
 
 
+def maybe_compile(module, args, cuda_graphs=False):
+    """torch.compile with the mode of --compile (the module itself when it is off). Inductor fuses
+    GroupNorm + SiLU, bias + add, etc. "auto" adds CUDA graphs ("reduce-overhead") where
+    cuda_graphs allows: a training step at batch 128 is a thousand short kernels, and replaying
+    them as a graph removes most launch overhead. Big sampling batches gain little from it."""
+    if not args.compile:
+        return module
+    mode = args.compile
+    if mode == "auto":
+        mode = "reduce-overhead" if cuda_graphs else "default"
+    return torch.compile(module, mode=mode)
+
+
 def build_training(args, channels, device, world=1):
     """Everything a training step needs: the network (net), the module the step calls (model:
     net, wrapped by DDP and/or torch.compile), its EMA copy, the diffusion, optimiser, LR
@@ -813,14 +826,8 @@ def build_training(args, channels, device, world=1):
     if world > 1:
         # gradients averaged over the ranks during backward; the EMA and optimiser see them on every rank
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        # inductor fuses GroupNorm + SiLU, bias + add, etc. At batch 128 the step is a thousand
-        # short kernels, so on one GPU "reduce-overhead" also replays them as CUDA graphs
-        # (DDP's gradient hooks rule graphs out there, hence "default")
-        mode = args.compile
-        if mode == "auto":
-            mode = "reduce-overhead" if device.type == "cuda" and world == 1 else "default"
-        model = torch.compile(model, mode=mode)
+    # CUDA graphs on one GPU only: DDP's gradient hooks rule them out
+    model = maybe_compile(model, args, cuda_graphs=device.type == "cuda" and world == 1)
     return net, model, ema, diffusion, optimizer, scheduler, scaler
 
 
@@ -1014,10 +1021,10 @@ def train(args):
             end_of_epoch = step % steps_per_epoch == 0
             if end_of_epoch or step == total_steps or (args.ckpt_every and step % args.ckpt_every == 0):
                 checkpoint()
-            epoch = step // steps_per_epoch
-            if end_of_epoch and args.sample_every and epoch % args.sample_every == 0 and rank == 0:
+            epochs_done = step // steps_per_epoch
+            if end_of_epoch and args.sample_every and epochs_done % args.sample_every == 0 and rank == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
-                path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
+                path = out_dir / "grids" / f"epoch_{epochs_done:04d}.png"
                 save_grid(run_sampler(diffusion, ema, grid_x_T, args, dtype,
                                       torch.Generator(device).manual_seed(args.seed)), path, nrow=8)
                 if args.wandb:
@@ -1069,9 +1076,7 @@ def sample(args):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     diffusion = GaussianDiffusion(make_beta_schedule(cfg["schedule"], cfg["timesteps"])).to(device)
-    sampler_model = model  # big batches: CUDA graphs gain little here, so "auto" is the default mode
-    if args.compile:
-        sampler_model = torch.compile(model, mode="default" if args.compile == "auto" else args.compile)
+    sampler_model = maybe_compile(model, args)
     out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     prepare_out_dir(out_dir)
     C, S = cfg["channels"], cfg["image_size"]
@@ -1161,9 +1166,7 @@ def bench(args):
     report("train", B, warm, timed(train_fn, args.steps))
     train_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
-    sampler_model = ema  # as in sample
-    if args.compile:
-        sampler_model = torch.compile(ema, mode="default" if args.compile == "auto" else args.compile)
+    sampler_model = maybe_compile(ema, args)  # as in sample
     x_t = torch.randn(args.sample_batch_size, C, S, S, device=device).contiguous(memory_format=memory_format)
     t = torch.randint(0, args.timesteps, (args.sample_batch_size,), device=device)
 
