@@ -1131,7 +1131,8 @@ def forward(args):
 
 def bench(args):
     """Time --steps training steps (Alg. 1, everything included) and network evaluations as the
-    sampler makes them, on random data, after --warmup-steps of each (which include compiling)."""
+    sampler makes them, on random data, after --warmup-steps of each (which include compiling);
+    with --profile N, then profile N more training steps."""
     device, dtype = setup_device(args)
     torch.manual_seed(args.seed)
     C, S, B = 3, args.image_size, args.batch_size
@@ -1165,7 +1166,6 @@ def bench(args):
     warm = timed(train_fn, args.warmup_steps)
     report("train", B, warm, timed(train_fn, args.steps))
     train_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-
     sampler_model = maybe_compile(ema, args)  # as in sample
     x_t = torch.randn(args.sample_batch_size, C, S, S, device=device).contiguous(memory_format=memory_format)
     t = torch.randint(0, args.timesteps, (args.sample_batch_size,), device=device)
@@ -1183,6 +1183,16 @@ def bench(args):
 
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
     print(f"peak memory: {peak}; sample = one network evaluation per image (one sampler step)")
+    if args.profile:  # where a step's time goes: the operators (and, on a GPU, kernels) that took longest
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            seconds = timed(train_fn, args.profile)
+        by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70))
+        print(f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step "
+              "(wall clock, profiler on); the totals above are for all of them", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1319,6 +1329,8 @@ def build_parser():
     p.add_argument("--sample-batch-size", type=int, default=500, help="sampling batch (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="timed calls of each (default: %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=5, help="untimed calls first, compiling included (default: %(default)s)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N training steps and print the slowest operators/kernels (default: %(default)s, off)")
     for name in ("lr", "grad_clip", "ema_decay", "warmup"):  # the training step reads these
         p.set_defaults(**{name: commands["train"].get_default(name)})
     return parser, commands
@@ -1337,6 +1349,9 @@ def parse_args(argv):
     for name in ("batch_size", "epochs", "timesteps", "image_size", "num_samples", "num_images", "steps", "log_every"):
         if getattr(args, name, 1) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup_steps", "profile"):
+        if getattr(args, name, 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
     return args
 
 

@@ -13,6 +13,7 @@ import socket
 import sys
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -469,6 +470,28 @@ def test_speed_paths_compute_the_same_function():
     assert loss16.dtype == torch.float32 and abs(loss16.item() / loss32.item() - 1) < 0.02
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_bf16_sampling_keeps_float32_state_and_the_same_images(sampler):
+    """Under bf16 autocast (the CUDA default) only the network runs in bf16: x_t stays float32, and
+    the images from the same x_T and z differ by under half an 8-bit level on average (one level
+    is 2/255) and 4 levels at most, while the network's output itself is off by about 1%."""
+    torch.manual_seed(0)
+    model = randomized(ddpm.ResAttUNet(in_channels=3, **TINY)).eval()
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 100))
+    x_T, t = torch.randn(8, 3, 8, 8), torch.full((8,), 50)
+    args = SimpleNamespace(sampler=sampler, sample_steps=20, eta=0.0)
+    with torch.inference_mode():
+        eps32 = model(x_T, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            eps16 = model(x_T, t)
+        x32, x16 = (ddpm.run_sampler(d, model, x_T, args, dtype, torch.Generator().manual_seed(1))
+                    for dtype in (None, torch.bfloat16))
+    assert 1e-3 < (eps16 - eps32).norm() / eps32.norm() < 0.05  # bf16 really was used
+    assert x16.dtype == torch.float32
+    level = 2 / 255
+    assert (x16 - x32).abs().mean() < 0.5 * level and (x16 - x32).abs().max() < 4 * level
+
+
 # -----------------------------------------------------------------------------
 # Part III: the script, through main()
 # -----------------------------------------------------------------------------
@@ -738,13 +761,17 @@ def test_help_documents_every_flag():
 
 
 def test_bench_runs_on_cpu(capsys):
-    """bench prints training and sampling images/s for a small model on the CPU."""
-    assert ddpm.main(["bench", *TINY_FLAGS, "--model", "res", "--batch-size", "4", "--sample-batch-size", "4",
-                      "--steps", "2", "--warmup-steps", "1", "--device", "cpu"]) == 0
+    """bench prints training and sampling images/s for a small model on the CPU, and with
+    --profile the operators of the profiled steps, convolutions (forward and backward) among them."""
+    flags = ["bench", *TINY_FLAGS, "--model", "res", "--batch-size", "4", "--sample-batch-size", "4",
+             "--steps", "2", "--warmup-steps", "1", "--device", "cpu"]
+    assert ddpm.main([*flags, "--profile", "2"]) == 0
     out = capsys.readouterr().out
     for row in ("train", "sample"):
         line = next(l for l in out.splitlines() if l.startswith(row))
         assert float(line.split()[2].replace(",", "")) > 0
+    assert "aten::convolution_backward" in out and "profiled 2 training steps" in out
+    expect_error([*flags, "--profile", "-1"], "--profile", "0 or more", capsys=capsys)
 
 
 def ddp_worker(rank, world, port, image_dir, out_dir):
