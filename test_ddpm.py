@@ -489,7 +489,8 @@ def test_bf16_sampling_keeps_float32_state_and_the_same_images(sampler):
     assert 1e-3 < (eps16 - eps32).norm() / eps32.norm() < 0.05  # bf16 really was used
     assert x16.dtype == torch.float32
     level = 2 / 255
-    assert (x16 - x32).abs().mean() < 0.5 * level and (x16 - x32).abs().max() < 4 * level
+    assert 0 < (x16 - x32).abs().max() < 4 * level  # run_sampler did run the network in bf16
+    assert (x16 - x32).abs().mean() < 0.5 * level
 
 
 # -----------------------------------------------------------------------------
