@@ -1129,6 +1129,18 @@ def forward(args):
 # -----------------------------------------------------------------------------
 
 
+def kernel_family(name):
+    """Which part of a training step a GPU kernel (or, on a CPU, an operator) belongs to."""
+    name = name.lower()
+    if name.startswith("triton") or "compiledfxgraph" in name:  # code that torch.compile generated
+        return "fused by inductor"
+    if any(k in name for k in ("flash", "fmha", "sdpa", "attention")):
+        return "attention"
+    if any(k in name for k in ("conv", "gemm", "xmma", "cudnn", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")):
+        return "convolution/matmul"
+    return "other"  # eager elementwise kernels, GroupNorm, the optimiser, copies
+
+
 def bench(args):
     """Time --steps training steps (Alg. 1, everything included) and network evaluations as the
     sampler makes them, on random data, after --warmup-steps of each (which include compiling);
@@ -1189,10 +1201,20 @@ def bench(args):
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             seconds = timed(train_fn, args.profile)
-        by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70))
+        on_gpu = device.type == "cuda"
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                           row_limit=25, max_name_column_width=70))
+        # the verdict: each GPU kernel (on a CPU, each operator) by family, in ms per step
+        kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+        ms = dict.fromkeys(["convolution/matmul", "attention", "fused by inductor", "other"], 0.0)
+        for e in events:
+            if e.device_type == kind:
+                gpu_us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # by torch version
+                ms[kernel_family(e.key)] += (gpu_us if on_gpu else e.self_cpu_time_total) / 1e3 / args.profile
         print(f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step "
-              "(wall clock, profiler on); the totals above are for all of them", flush=True)
+              f"(wall clock, profiler on), of which {'GPU' if on_gpu else 'CPU'} time: {sum(ms.values()):.2f} ms = "
+              + ", ".join(f"{name} {v:.2f}" for name, v in ms.items()), flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -771,8 +771,39 @@ def test_bench_runs_on_cpu(capsys):
     for row in ("train", "sample"):
         line = next(l for l in out.splitlines() if l.startswith(row))
         assert float(line.split()[2].replace(",", "")) > 0
-    assert "aten::convolution_backward" in out and "profiled 2 training steps" in out
+    assert "aten::convolution_backward" in out
+    # the verdict line: the time per step by family, which add up to the total it states
+    line = next(l for l in out.splitlines() if l.startswith("profiled 2 training steps"))
+    total = float(line.split("CPU time: ")[1].split(" ms")[0])
+    families = {part.rsplit(" ", 1)[0]: float(part.rsplit(" ", 1)[1]) for part in line.split(" ms = ")[1].split(", ")}
+    assert set(families) == {"convolution/matmul", "attention", "fused by inductor", "other"}
+    assert families["convolution/matmul"] > 0 and abs(sum(families.values()) - total) < 0.02
+    # and the total is the profiler's own (its table's footer), per step
+    value, unit = re.search(r"Self CPU time total: ([\d.]+)(ms|s)\b", out).groups()
+    assert total == pytest.approx(float(value) * (1e3 if unit == "s" else 1) / 2, rel=0.01)
     expect_error([*flags, "--profile", "-1"], "--profile", "0 or more", capsys=capsys)
+
+
+def test_kernel_family_sorts_real_kernel_names():
+    """The GPU kernel names of a compiled bf16 step (cuDNN, cuBLAS/CUTLASS, flash and
+    memory-efficient attention, inductor's Triton, eager ATen) land in the right family."""
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_cudnn": "convolution/matmul",
+        "sm80_xmma_wgrad_implicit_gemm_indexed_wo_smem_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution/matmul",
+        "void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>": "convolution/matmul",
+        "aten::mkldnn_convolution": "convolution/matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<256>>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x128_rf_sm80(PyTorchMemEffAttention::AttentionKernel<bf16>)": "attention",
+        "triton_red_fused_native_group_norm_silu_0": "fused by inductor",
+        "triton_poi_fused_convolution_backward_12": "fused by inductor",
+        "## Call CompiledFxGraph ftys5sliipnoksvahbzd65a6v3yyto27": "fused by inductor",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>": "other",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "other",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
+        "Memcpy DtoD (Device -> Device)": "other",
+    }
+    for name, family in names.items():
+        assert ddpm.kernel_family(name) == family, name
 
 
 def ddp_worker(rank, world, port, image_dir, out_dir):
