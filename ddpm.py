@@ -1196,22 +1196,22 @@ def bench(args):
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
     print(f"peak memory: {peak}; sample = one network evaluation per image (one sampler step)")
     if args.profile:  # where a step's time goes: the operators (and, on a GPU, kernels) that took longest
+        on_gpu = device.type == "cuda"
         activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
+        if on_gpu:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             seconds = timed(train_fn, args.profile)
-        on_gpu = device.type == "cuda"
         events = prof.key_averages()
         print(events.table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
                            row_limit=25, max_name_column_width=70))
-        # the verdict: each GPU kernel (on a CPU, each operator) by family, in ms per step
+        # the verdict: the self time of each GPU kernel (on a CPU, each operator) by family, per step
         kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
         ms = dict.fromkeys(["convolution/matmul", "attention", "fused by inductor", "other"], 0.0)
-        for e in events:
-            if e.device_type == kind:
-                gpu_us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # by torch version
-                ms[kernel_family(e.key)] += (gpu_us if on_gpu else e.self_cpu_time_total) / 1e3 / args.profile
+        for e in (e for e in events if e.device_type == kind):
+            # a kernel's time is self_device_time_total from torch 2.4 on, self_cuda_time_total before
+            us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) if on_gpu else e.self_cpu_time_total
+            ms[kernel_family(e.key)] += us / 1e3 / args.profile
         print(f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step "
               f"(wall clock, profiler on), of which {'GPU' if on_gpu else 'CPU'} time: {sum(ms.values()):.2f} ms = "
               + ", ".join(f"{name} {v:.2f}" for name, v in ms.items()), flush=True)

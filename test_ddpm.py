@@ -763,7 +763,8 @@ def test_help_documents_every_flag():
 
 def test_bench_runs_on_cpu(capsys):
     """bench prints training and sampling images/s for a small model on the CPU, and with
-    --profile the operators of the profiled steps, convolutions (forward and backward) among them."""
+    --profile the operators of the profiled steps (convolutions among them) and a line that splits
+    a step's time by family, adding up to the profiler's own total."""
     flags = ["bench", *TINY_FLAGS, "--model", "res", "--batch-size", "4", "--sample-batch-size", "4",
              "--steps", "2", "--warmup-steps", "1", "--device", "cpu"]
     assert ddpm.main([*flags, "--profile", "2"]) == 0
@@ -772,12 +773,13 @@ def test_bench_runs_on_cpu(capsys):
         line = next(l for l in out.splitlines() if l.startswith(row))
         assert float(line.split()[2].replace(",", "")) > 0
     assert "aten::convolution_backward" in out
-    # the verdict line: the time per step by family, which add up to the total it states
+    # the verdict line: the time per step by family, which add up to the total it states (five
+    # numbers rounded to 0.01 ms: within 0.025)
     line = next(l for l in out.splitlines() if l.startswith("profiled 2 training steps"))
     total = float(line.split("CPU time: ")[1].split(" ms")[0])
     families = {part.rsplit(" ", 1)[0]: float(part.rsplit(" ", 1)[1]) for part in line.split(" ms = ")[1].split(", ")}
     assert set(families) == {"convolution/matmul", "attention", "fused by inductor", "other"}
-    assert families["convolution/matmul"] > 0 and abs(sum(families.values()) - total) < 0.02
+    assert families["convolution/matmul"] > 0 and abs(sum(families.values()) - total) < 0.03
     # and the total is the profiler's own (its table's footer), per step
     value, unit = re.search(r"Self CPU time total: ([\d.]+)(ms|s)\b", out).groups()
     assert total == pytest.approx(float(value) * (1e3 if unit == "s" else 1) / 2, rel=0.01)
