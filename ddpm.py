@@ -1256,11 +1256,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def int_list(text):
-    """'1,2,2,2' -> [1, 2, 2, 2]; '' -> []."""
+    """'1,2,2,2' -> [1, 2, 2, 2]; '' -> []. Every value must be a positive integer."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        values = [0]
+    if min(values, default=1) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def build_parser():
@@ -1313,7 +1316,7 @@ def build_parser():
     g.add_argument("--batch-size", type=int, default=128, help="global batch (default: %(default)s; paper: 128)")
     g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default: %(default)s; paper: 2e-4)")
     g.add_argument("--warmup", type=int, default=5000, help="linear LR warm-up steps (default: %(default)s; paper: 5000)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (default: %(default)s; paper: 1.0)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; inf: no clipping (default: %(default)s; paper: 1.0)")
     g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay, warmed up (default: %(default)s; paper: 0.9999)")
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=None, help="where ckpt.pt, log.csv and pictures go (default: runs/<model>)")
@@ -1368,12 +1371,20 @@ def parse_args(argv):
     # the flags typed on the command line (a resumed run may not contradict its checkpoint)
     args.explicit = {a.dest for a in commands[args.command]._actions
                      if any(tok.split("=")[0] in a.option_strings for tok in argv)}
-    for name in ("batch_size", "epochs", "timesteps", "image_size", "num_samples", "num_images", "steps", "log_every"):
-        if getattr(args, name, 1) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup_steps", "profile"):
-        if getattr(args, name, 0) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+    # the ranges argparse cannot check: (flags, the test each value must pass, what it must be)
+    ranges = [
+        (("batch_size", "sample_batch_size", "epochs", "image_size", "num_samples", "num_images", "steps",
+          "log_every"), lambda v: v >= 1, "at least 1"),
+        (("timesteps",), lambda v: v >= 2, "at least 2"),
+        (("max_steps", "warmup", "ckpt_every", "sample_every", "eta", "warmup_steps", "profile"),
+         lambda v: v >= 0, "0 or more"),
+        (("lr", "grad_clip"), lambda v: v > 0, "more than 0"),  # --grad-clip inf: no clipping
+        (("dropout", "ema_decay"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    ]
+    for names, ok, must in ranges:
+        for name in names:
+            if hasattr(args, name) and not ok(getattr(args, name)):  # not ok: NaN fails every test
+                raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {must}")
     return args
 
 
@@ -1384,6 +1395,10 @@ def main(argv=None):
         {"train": train, "sample": sample, "forward": forward, "bench": bench, "compare": compare}[args.command](args)
     except UserError as e:
         print(f"ddpm.py: error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:  # training keeps its last checkpoint: it was saved whole
+        print("ddpm.py: error: out of GPU memory; use a smaller --batch-size "
+              "(bench: and --sample-batch-size)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: training has saved its checkpoint by now
         print("ddpm.py: interrupted", file=sys.stderr)

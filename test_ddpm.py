@@ -709,6 +709,17 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
     expect_error(run("--base-channels", "48"), "multiples of 32", "--base-channels", capsys=capsys)
     expect_error(run("--channel-mult", "1,x"), "--channel-mult", capsys=capsys)
     expect_error(run("--batch-size", "0"), "--batch-size", capsys=capsys)
+    # numbers out of range, each caught before any work with the flag's name and what it must be
+    for flag, value, must in [("--channel-mult", "1,0", "positive"), ("--attn-resolutions", "-16", "positive"),
+                              ("--timesteps", "1", "at least 2"), ("--lr", "-1", "more than 0"),
+                              ("--lr", "nan", "more than 0"), ("--grad-clip", "0", "more than 0"),
+                              ("--ema-decay", "1", "below 1"), ("--dropout", "1.5", "below 1"),
+                              ("--warmup", "-5", "0 or more"), ("--max-steps", "-3", "0 or more"),
+                              ("--ckpt-every", "-1", "0 or more"), ("--sample-every", "-1", "0 or more"),
+                              ("--eta", "-1", "0 or more")]:
+        expect_error(run(flag, value), flag, must, capsys=capsys)
+    expect_error(["bench", "--sample-batch-size", "0"], "--sample-batch-size", capsys=capsys)
+    expect_error(["forward", "--timesteps", "1"], "--timesteps", capsys=capsys)
     expect_error(run("--data-dir", str(tmp_path / "missing")), "--data-dir", "not a folder", capsys=capsys)
     (tmp_path / "empty").mkdir()
     expect_error(run("--data-dir", str(tmp_path / "empty")), "no .png/.jpg/.jpeg images", capsys=capsys)
@@ -747,6 +758,15 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     expect_error(["--data-dir", str(tmp_path), "--device", "cpu", "--out-dir", str(tmp_path / "o")],
                  "could not get cifar10", "--dataset folder", capsys=capsys)
+
+
+def test_out_of_gpu_memory_names_the_batch_flag(trained_run, tmp_path, monkeypatch, capsys):
+    """A batch too big for the GPU ends with one line saying which flag to lower, not a traceback."""
+    def too_big(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(ddpm, "run_sampler", too_big)
+    expect_error(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--device", "cpu", "--out-dir", str(tmp_path)],
+                 "out of GPU memory", "--batch-size", capsys=capsys)
 
 
 def test_help_documents_every_flag():
