@@ -724,7 +724,13 @@ CKPT_FORMAT = "ddpm.py checkpoint 1"
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer raises RuntimeError)
+        tmp.unlink(missing_ok=True)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot write {path} ({reason}); the checkpoint already there, if any, is "
+                        "intact: free some disk space, then continue with --resume")
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
 

@@ -692,6 +692,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_dir, tmp_path
     assert state_of(tmp_path)["step"] == 2
 
 
+def test_full_disk_keeps_the_last_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint that cannot be written ends the run with one line; the one before it stays whole."""
+    real_save, calls = torch.save, []
+
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    code = ddpm.main(train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert state_of(tmp_path)["step"] == 2 and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
 def expect_error(argv, *words, capsys):
     code = ddpm.main(argv)
     err = capsys.readouterr().err.strip()
