@@ -1266,7 +1266,7 @@ def int_list(text):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        values = [0]
+        values = [0]  # not integers: the same error below
     if min(values, default=1) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
