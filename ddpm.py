@@ -595,6 +595,11 @@ class UserError(Exception):
     """A mistake in the command line or its files: main() prints it on one line and exits 2."""
 
 
+def first_line(e):
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 # -----------------------------------------------------------------------------
 # Data: the whole training set decoded once into one uint8 tensor on the device  [Sec. 4]
 # -----------------------------------------------------------------------------
@@ -622,9 +627,8 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     try:
         ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])(data_dir, train=True, download=True)
     except Exception as e:  # no internet, a proxy, a full disk: all end the same way
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(
-            f"could not get {name} into --data-dir {data_dir} ({reason}); without internet, put "
+            f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without internet, put "
             f"torchvision's {name} files there, or train on any images with --dataset folder --data-dir DIR"
         )
     x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
@@ -728,8 +732,7 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
     except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer raises RuntimeError)
         tmp.unlink(missing_ok=True)
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot write {path} ({reason}); the checkpoint already there, if any, is "
+        raise UserError(f"cannot write {path} ({first_line(e)}); the checkpoint already there, if any, is "
                         "intact: free some disk space, then continue with --resume")
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
@@ -742,8 +745,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py ({reason})")
+        raise UserError(f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py ({first_line(e)})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint")
     return ckpt
@@ -1370,9 +1372,9 @@ def build_parser():
 def parse_args(argv):
     """Parse a command line (train when no command is named); records which flags were typed."""
     argv = list(argv)
-    if not argv or argv[0] not in ("train", "sample", "forward", "bench", "compare", "-h", "--help"):
-        argv.insert(0, "train")
     parser, commands = build_parser()
+    if not argv or argv[0] not in (*commands, "-h", "--help"):
+        argv.insert(0, "train")
     args = parser.parse_args(argv)
     # the flags typed on the command line (a resumed run may not contradict its checkpoint)
     args.explicit = {a.dest for a in commands[args.command]._actions
