@@ -507,7 +507,7 @@ class ConvUNet(nn.Module):
 
         def stage(in_ch, out_ch, res):  # a block, then attention if this resolution has it
             attend = self.attention and res in attn_resolutions
-            return Stage([self.Block(in_ch, out_ch, temb_ch, dropout)] + [AttnBlock(out_ch)] * attend)
+            return Stage([self.Block(in_ch, out_ch, temb_ch, dropout)] + ([AttnBlock(out_ch)] if attend else []))
 
         # Down path: record the channels of every skip output the up path will consume
         self.down = nn.ModuleList()
