@@ -1087,6 +1087,12 @@ def sample(args):
     sampler_model = maybe_compile(model, args)
     out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     prepare_out_dir(out_dir)
+    if args.format == "png":  # images of an earlier, larger run would stay beside these, and FID would read both
+        ours = {f"{k:06d}.png" for k in range(args.num_samples)}
+        stale = [p for p in (out_dir / "images").glob("*.png") if p.name not in ours]
+        if stale:
+            raise UserError(f"{out_dir / 'images'} holds {len(stale)} images that this run would not replace; "
+                            "choose another --out-dir")
     C, S = cfg["channels"], cfg["image_size"]
     n, B = args.num_samples, min(args.batch_size, args.num_samples)
     noise_gen = torch.Generator().manual_seed(args.seed)  # x_T, drawn on the CPU: device-independent

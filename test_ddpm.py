@@ -615,6 +615,14 @@ def test_sample_from_checkpoint(trained_run, tmp_path, fmt):
         assert len(files) == 5
         img = read_png(files[0])
         assert img.shape == (3, 8, 8) and img.dtype == torch.uint8
+        # a smaller run into the same folder would leave 3 of these beside its own (an FID would read both): refused
+        assert ddpm.main(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "2", "--out-dir", str(out),
+                          "--device", "cpu"]) == 2
+        assert sorted((out / "images").iterdir()) == files and torch.equal(read_png(files[0]), img)
+        # one as large or larger replaces them all: allowed
+        assert ddpm.main(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "6", "--batch-size", "3",
+                          "--out-dir", str(out), "--sampler", "ddim", "--sample-steps", "5", "--device", "cpu"]) == 0
+        assert len(list((out / "images").iterdir())) == 6
     else:
         arr = np.load(out / "samples.npz")["arr_0"]
         assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 0
