@@ -1091,8 +1091,8 @@ def sample(args):
         ours = {f"{k:06d}.png" for k in range(args.num_samples)}
         stale = [p for p in (out_dir / "images").glob("*.png") if p.name not in ours]
         if stale:
-            raise UserError(f"{out_dir / 'images'} holds {len(stale)} images that this run would not replace; "
-                            "choose another --out-dir")
+            raise UserError(f"{out_dir / 'images'} holds {len(stale)} PNG file(s) that this run would not replace, "
+                            f"e.g. {stale[0].name} (FID would read them too); choose another --out-dir")
     C, S = cfg["channels"], cfg["image_size"]
     n, B = args.num_samples, min(args.batch_size, args.num_samples)
     noise_gen = torch.Generator().manual_seed(args.seed)  # x_T, drawn on the CPU: device-independent
