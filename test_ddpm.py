@@ -426,6 +426,41 @@ def test_attention_softmax_is_over_the_keys():
     assert (out - attend(scores.softmax(dim=-2))).abs().max() > 1e-3  # the original project's bug
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compiled_groupnorm_is_groupnorm_and_keeps_the_layout(layout):
+    """The GroupNorm that torch.compile traces equals float64 F.group_norm (values and gradients),
+    returns float32 for bf16 input (as autocast runs GroupNorm), and keeps the input's layout."""
+    torch.manual_seed(0)
+    gn = randomized(ddpm.GroupNorm(32, 64, eps=1e-6)).double()
+    x = (torch.randn(3, 64, 5, 6, dtype=torch.float64) * 3 + 1).contiguous(memory_format=layout).requires_grad_()
+    out, ref = gn.forward_keep_layout(x), nn.functional.group_norm(x, 32, gn.weight, gn.bias, 1e-6)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    dy = torch.randn_like(ref)
+    grads = [torch.autograd.grad(y, [x, gn.weight, gn.bias], dy) for y in (out, ref)]
+    for g, g_ref in zip(*grads):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    assert out.is_contiguous(memory_format=layout)
+    gn = gn.float()
+    y = gn.forward_keep_layout(x.detach().bfloat16())
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y, gn(x.detach().bfloat16().float()), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_traces_the_layout_keeping_groupnorm(monkeypatch):
+    """Under torch.compile the module takes forward_keep_layout; eager takes nn.GroupNorm's kernel."""
+    gn, x = ddpm.GroupNorm(32, 64), torch.randn(2, 64, 4, 4)
+    expected = gn(x)
+
+    def eager_only(self, x):
+        raise AssertionError("nn.GroupNorm.forward was called")
+
+    monkeypatch.setattr(nn.GroupNorm, "forward", eager_only)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(gn, backend="eager", fullgraph=True)(x), expected)
+    with pytest.raises(AssertionError, match="was called"):
+        gn(x)
+
+
 def test_bad_network_sizes_raise_with_the_constraint():
     """An image size the levels cannot halve and widths GroupNorm(32) cannot split raise ValueError naming the rule."""
     with pytest.raises(ValueError, match="divisible"):
