@@ -1171,6 +1171,8 @@ def kernel_family(name):
         return "fused by inductor"
     if any(k in name for k in ("flash", "fmha", "sdpa", "attention")):
         return "attention"
+    if "nchwtonhwc" in name or "nhwctonchw" in name:  # cuDNN's layout transposes: copies, not convolutions
+        return "other"
     if any(k in name for k in ("conv", "gemm", "xmma", "cudnn", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")):
         return "convolution/matmul"
     return "other"  # eager elementwise kernels, GroupNorm, the optimiser, copies

@@ -893,7 +893,8 @@ def test_bench_runs_on_cpu(capsys):
 
 def test_kernel_family_sorts_real_kernel_names():
     """The GPU kernel names of a compiled bf16 step (cuDNN, cuBLAS/CUTLASS, flash and
-    memory-efficient attention, inductor's Triton, eager ATen) land in the right family."""
+    memory-efficient attention, inductor's Triton, eager ATen, cuDNN's layout transposes) land in
+    the right family."""
     names = {
         "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_cudnn": "convolution/matmul",
         "sm80_xmma_wgrad_implicit_gemm_indexed_wo_smem_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution/matmul",
@@ -908,6 +909,8 @@ def test_kernel_family_sorts_real_kernel_names():
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "other",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "other",
         "Memcpy DtoD (Device -> Device)": "other",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>": "other",
+        "void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16, float, true, false>": "other",
     }
     for name, family in names.items():
         assert ddpm.kernel_family(name) == family, name
