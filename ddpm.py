@@ -1437,6 +1437,12 @@ def main(argv=None):
         print("ddpm.py: error: out of GPU memory; use a smaller --batch-size "
               "(bench: and --sample-batch-size)", file=sys.stderr)
         return 2
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
+        inner = getattr(e, "inner_exception", e)  # what the compiler itself raised
+        reason = f"{type(inner).__name__}: {inner}".strip().splitlines()[0][:200]
+        print(f"ddpm.py: error: --compile failed ({reason}); run without --compile, "
+              "which computes the same", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C: training has saved its checkpoint by now
         print("ddpm.py: interrupted", file=sys.stderr)
         return 130

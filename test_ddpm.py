@@ -854,6 +854,18 @@ def test_out_of_gpu_memory_names_the_batch_flag(trained_run, tmp_path, monkeypat
                  "out of GPU memory", "--batch-size", capsys=capsys)
 
 
+def test_failed_compile_names_the_flag(image_dir, tmp_path, monkeypatch, capsys):
+    """--compile on a machine where inductor cannot build its kernels (no C compiler, say) ends with
+    one line naming --compile and the way out, not a traceback."""
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", no_compiler)  # imports the module
+    torch._dynamo.reset()
+    expect_error(train_flags(image_dir, tmp_path / "run", "--compile", "default", "--max-steps", "2"),
+                 "--compile failed", "C compiler", "run without --compile", capsys=capsys)
+    torch._dynamo.reset()
+
+
 def test_help_documents_every_flag():
     """Every flag of every command has a help text, and each one with a value names its default."""
     _, commands = ddpm.build_parser()
