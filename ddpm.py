@@ -388,9 +388,9 @@ class GroupNorm(nn.GroupNorm):
             return super().forward(x)
         return self.forward_keep_layout(x)
 
-    def forward_keep_layout(self, x):
+    def forward_keep_layout(self, x):  # Wu & He (2018), Eq. 1-3 with S_i = one group of channels
         B, C, H, W = x.shape
-        g = x.view(B, self.num_groups, C // self.num_groups, H, W)
+        g = x.view(B, self.num_groups, C // self.num_groups, H, W)  # (B, G, C/G, H, W)
         g = g.to(torch.promote_types(g.dtype, torch.float32))  # float32 at least, as autocast runs GroupNorm
         var, mean = torch.var_mean(g, dim=(2, 3, 4), unbiased=False, keepdim=True)
         x = ((g - mean) * torch.rsqrt(var + self.eps)).view(B, C, H, W)  # mean 0, variance 1 per group
@@ -1438,8 +1438,7 @@ def main(argv=None):
               "(bench: and --sample-batch-size)", file=sys.stderr)
         return 2
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
-        inner = getattr(e, "inner_exception", e)  # what the compiler itself raised
-        reason = f"{type(inner).__name__}: {inner}".strip().splitlines()[0][:200]
+        reason = first_line(getattr(e, "inner_exception", e))  # what the compiler itself raised
         print(f"ddpm.py: error: --compile failed ({reason}); run without --compile, "
               "which computes the same", file=sys.stderr)
         return 2
