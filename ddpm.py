@@ -380,21 +380,25 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose compiled form keeps a channels_last input channels_last. CUDA's
     group_norm first copies its input to NCHW. In a compiled channels_last step, that mixed the two
     layouts, and the step spent a fifth of its GPU time converting tensors back for cuDNN's
-    backward. Under torch.compile it computes the same function on a (B, groups, C/groups, H, W)
-    view, which exists in either layout, and inductor fuses it. Eager keeps PyTorch's fused kernel."""
+    backward. Compiled, a channels_last input takes forward_keep_layout: the same function on a
+    (B, groups, C/groups, H, W) view, which exists in either layout, and inductor fuses it. Eager,
+    and an NCHW input (the CPU), keep PyTorch's GroupNorm, which is faster there."""
 
     def forward(self, x):
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() or x.is_contiguous():
             return super().forward(x)
         return self.forward_keep_layout(x)
 
     def forward_keep_layout(self, x):  # Wu & He (2018), Eq. 1-3 with S_i = one group of channels
         B, C, H, W = x.shape
-        g = x.view(B, self.num_groups, C // self.num_groups, H, W)  # (B, G, C/G, H, W)
-        g = g.to(torch.promote_types(g.dtype, torch.float32))  # float32 at least, as autocast runs GroupNorm
-        var, mean = torch.var_mean(g, dim=(2, 3, 4), unbiased=False, keepdim=True)
-        x = ((g - mean) * torch.rsqrt(var + self.eps)).view(B, C, H, W)  # mean 0, variance 1 per group
-        return x * self.weight[:, None, None] + self.bias[:, None, None]  # per-channel scale and shift
+        G = self.num_groups
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, as autocast runs GroupNorm
+        var, mean = torch.var_mean(x.view(B, G, C // G, H, W), dim=(2, 3, 4), unbiased=False)  # (B, G)
+        # gamma (x - mu) / sigma + beta as one affine map per sample and channel, as PyTorch's
+        # kernels compute it: its backward then needs only sum(dy) and sum(dy * x) per channel
+        scale = self.weight.view(G, C // G) * torch.rsqrt(var + self.eps)[:, :, None]  # (B, G, C/G)
+        shift = self.bias.view(G, C // G) - mean[:, :, None] * scale  # (B, G, C/G)
+        return x * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)  # (B, C, H, W)
 
 
 class ConvBlock(nn.Module):

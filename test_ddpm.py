@@ -447,18 +447,27 @@ def test_compiled_groupnorm_is_groupnorm_and_keeps_the_layout(layout):
 
 
 def test_torch_compile_traces_the_layout_keeping_groupnorm(monkeypatch):
-    """Under torch.compile the module takes forward_keep_layout; eager takes nn.GroupNorm's kernel."""
+    """Under torch.compile a channels_last input takes forward_keep_layout; an NCHW input, and
+    eager, take nn.GroupNorm's forward."""
     gn, x = ddpm.GroupNorm(32, 64), torch.randn(2, 64, 4, 4)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     expected = gn(x)
+    calls = []
+    nn_forward = nn.GroupNorm.forward
 
-    def eager_only(self, x):
-        raise AssertionError("nn.GroupNorm.forward was called")
+    def counted(self, x):
+        calls.append(x.is_contiguous())
+        return nn_forward(self, x)
 
-    monkeypatch.setattr(nn.GroupNorm, "forward", eager_only)
+    monkeypatch.setattr(nn.GroupNorm, "forward", counted)
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(gn, backend="eager", fullgraph=True)(x), expected)
-    with pytest.raises(AssertionError, match="was called"):
-        gn(x)
+    compiled = torch.compile(gn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x_cl), expected)
+    assert calls == []  # traced through forward_keep_layout
+    torch.testing.assert_close(compiled(x), expected)
+    assert calls == [True]  # an NCHW input: nn.GroupNorm, traced
+    gn(x_cl)
+    assert calls == [True, False]  # eager: nn.GroupNorm whatever the layout
 
 
 def test_bad_network_sizes_raise_with_the_constraint():
@@ -505,17 +514,20 @@ def test_speed_paths_compute_the_same_function():
     assert loss16.dtype == torch.float32 and abs(loss16.item() / loss32.item() - 1) < 0.02
 
 
-def test_compiled_training_step_has_eager_gradients():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_compiled_training_step_has_eager_gradients(layout):
     """--compile trains through inductor's backward too (GroupNorm, attention, the skips): the
     gradient of L_simple through the compiled network equals eager's to float32 rounding, and the
-    compiled network runs the whole training step."""
+    compiled network runs the whole training step. channels_last is the GPU's layout, where the
+    compiled GroupNorm is forward_keep_layout."""
     torch.manual_seed(0)
     args = ddpm.parse_args(["--device", "cpu", *TINY_FLAGS, "--channel-mult", "1", "--attn-resolutions", "8",
                             "--dropout", "0", "--compile", "default"])  # one level: a shorter compile
     net, model, ema, diffusion, opt, sched, scaler = ddpm.build_training(args, 3, torch.device("cpu"))
     assert model is not net  # the step calls the compiled module; net holds the same parameters
-    randomized(net)
+    randomized(net).to(memory_format=layout)
     x_0, t, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randint(0, 20, (4,)), torch.randn(4, 3, 8, 8)
+    x_0, noise = x_0.contiguous(memory_format=layout), noise.contiguous(memory_format=layout)
     losses, grads = [], []
     for module in (net, model):
         net.zero_grad(set_to_none=True)
