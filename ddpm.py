@@ -380,9 +380,9 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm whose compiled form keeps a channels_last input channels_last. CUDA's
     group_norm first copies its input to NCHW. In a compiled channels_last step, that mixed the two
     layouts, and the step spent a fifth of its GPU time converting tensors back for cuDNN's
-    backward. Compiled, a channels_last input takes forward_keep_layout: the same function on a
-    (B, groups, C/groups, H, W) view, which exists in either layout, and inductor fuses it. Eager,
-    and an NCHW input (the CPU), keep PyTorch's GroupNorm, which is faster there."""
+    backward. Compiled, a channels_last input takes forward_keep_layout: the same function built
+    from per-channel statistics (sums over H and W, which read either layout in order), and
+    inductor fuses it. Eager, and an NCHW input (the CPU), keep PyTorch's GroupNorm."""
 
     def forward(self, x):
         if not torch.compiler.is_compiling() or x.is_contiguous():
@@ -393,11 +393,16 @@ class GroupNorm(nn.GroupNorm):
         B, C, H, W = x.shape
         G = self.num_groups
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, as autocast runs GroupNorm
-        var, mean = torch.var_mean(x.view(B, G, C // G, H, W), dim=(2, 3, 4), unbiased=False)  # (B, G)
+        var_c, mean_c = torch.var_mean(x, dim=(2, 3), unbiased=False)  # per channel: (B, C)
+        var_c, mean_c = var_c.view(B, G, C // G), mean_c.view(B, G, C // G)
+        mean = mean_c.mean(2, keepdim=True)  # mu of each group: (B, G, 1)
+        # sigma^2 by the law of total variance: the mean variance within the group's channels plus
+        # the variance of their means (the channels are equally large)
+        var = (var_c + (mean_c - mean) ** 2).mean(2, keepdim=True)  # (B, G, 1)
         # gamma (x - mu) / sigma + beta as one affine map per sample and channel, as PyTorch's
         # kernels compute it: its backward then needs only sum(dy) and sum(dy * x) per channel
-        scale = self.weight.view(G, C // G) * torch.rsqrt(var + self.eps)[:, :, None]  # (B, G, C/G)
-        shift = self.bias.view(G, C // G) - mean[:, :, None] * scale  # (B, G, C/G)
+        scale = self.weight.view(G, C // G) * torch.rsqrt(var + self.eps)  # (B, G, C/G)
+        shift = self.bias.view(G, C // G) - mean * scale  # (B, G, C/G)
         return x * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)  # (B, C, H, W)
 
 
