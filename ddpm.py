@@ -42,13 +42,11 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
 
 Section map
     Part I   the diffusion process: linear_beta_schedule, extract, GaussianDiffusion
-    Part II  the networks: timestep_embedding, attention, the blocks, ResAttUNet (the paper's
-             35.7M-parameter network), and its two ablations ResUNet and ConvUNet
-    Part III training and sampling: get_batch, make_optimizer, ema_update, train_step (Alg. 1),
-             train_loop, p_sample_loop (Alg. 2); then the banner that ends the method
+    Part II  the networks: the blocks, ResAttUNet (the paper's network), its ablations ResUNet, ConvUNet
+    Part III training and sampling: train_step (Alg. 1), train_loop, p_sample_loop (Alg. 2); the banner
     Extras   cosine_beta_schedule, ddim_sample_loop, dpm_solver_sample_loop
-    Engineering: progress lines, data, checkpoints, the commands train, sample, forward, bench
-             and compare, the command line
+    Engineering: progress lines, data, checkpoints, the commands (train, sample, forward, bench,
+             compare), the command line
 """
 
 import argparse
@@ -58,6 +56,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,7 +74,6 @@ from torchvision.utils import save_image
 # =============================================================================
 # Part I. The diffusion process  [Sec. 2, Sec. 3]
 # =============================================================================
-
 # --- The noise schedule  [Sec. 4] ----------------------------------------------------------------
 def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
     """The forward-process variances beta_1..beta_T, evenly spaced from beta_start to beta_end
@@ -100,11 +98,8 @@ def extract(a, t, x_shape):
 class GaussianDiffusion(nn.Module):
     """The fixed forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and the
     learned reverse process p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) [Eq. 1-2].
-
-    It has no learned parameters: it holds the schedule as float32 buffers (computed in float64),
-    so `.to(device)` moves them. `model` arguments are any callable model(x_t, t) -> eps_pred
-    with t a LongTensor of shape (B,) of code steps. Uses: extract.
-    """
+    No learned parameters: the schedule as float32 buffers (computed in float64), which `.to(device)`
+    moves. `model` is any callable model(x_t, t) -> eps_pred, t a (B,) LongTensor. Uses: extract."""
 
     def __init__(self, betas):
         super().__init__()
@@ -118,31 +113,22 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         # alpha_bar_{t-1}, with alpha_bar_0 = 1 before the first step
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
-        buffers = {
-            # beta_t; used by p_sample (Eq. 11, and sigma_t^2 = beta_t)
-            "betas": betas,
-            # alpha_bar_t; used by the fast samplers after the banner
-            "alphas_cumprod": alphas_cumprod,
-            # sqrt(alpha_bar_t); used by q_sample
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            # sqrt(1 - alpha_bar_t); used by q_sample and p_sample (Eq. 11)
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            # 1 / sqrt(alpha_t); used by p_sample (Eq. 11)
-            "sqrt_recip_alphas": alphas.rsqrt(),
-            # sqrt(1 / alpha_bar_t); used by predict_x0_from_eps
-            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),
-            # sqrt(1 / alpha_bar_t - 1); used by predict_x0_from_eps
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
-            # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1;
-            # used by q_posterior and p_sample (sigma_t^2 = beta_tilde_t)
+        buffers = {  # each glossed with its symbol and the code that reads it
+            "betas": betas,  # beta_t; p_sample (Eq. 11, and sigma_t^2 = beta_t)
+            "alphas_cumprod": alphas_cumprod,  # alpha_bar_t; the fast samplers after the banner
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),  # sqrt(alpha_bar_t); q_sample
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - alpha_bar_t); q_sample, p_sample
+            "sqrt_recip_alphas": alphas.rsqrt(),  # 1 / sqrt(alpha_t); p_sample (Eq. 11)
+            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),  # sqrt(1 / alpha_bar_t); predict_x0_from_eps
+            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / alpha_bar_t - 1); the same
+            # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1; q_posterior, p_sample
             "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            # beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t): weight of x_0 in mu_tilde [Eq. 7]
+            # beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t): the weight of x_0 in mu_tilde [Eq. 7]; q_posterior
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            # (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t): weight of x_t in mu_tilde
+            # (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t): the weight of x_t in mu_tilde; q_posterior
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
         }
-        for name, value in buffers.items():
-            # float32 on the module's device; not saved in state_dicts (rebuilt from the config)
+        for name, value in buffers.items():  # float32, moved by .to(device), rebuilt rather than saved
             self.register_buffer(name, value.float(), persistent=False)
 
     def q_sample(self, x_0, t, noise=None):
@@ -161,8 +147,7 @@ class GaussianDiffusion(nn.Module):
             # Alg. 1, line 3: t ~ Uniform({1, ..., T}), i.e. code t in {0..T-1}
             t = torch.randint(0, self.num_timesteps, (B,), device=self.betas.device)
         if noise is None:
-            # Alg. 1, line 4: eps ~ N(0, I)
-            noise = torch.randn_like(x_0)
+            noise = torch.randn_like(x_0)  # Alg. 1, line 4: eps ~ N(0, I)
         # the argument of eps_theta in Alg. 1, line 5: sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps
         x_t = self.q_sample(x_0, t, noise)
         eps_pred = model(x_t, t)
@@ -202,8 +187,7 @@ class GaussianDiffusion(nn.Module):
             eps_coef = extract(self.betas, t_batch, shape) / extract(self.sqrt_one_minus_alphas_cumprod, t_batch, shape)
             mean = extract(self.sqrt_recip_alphas, t_batch, shape) * (x_t - eps_coef * eps_pred)
         if t == 0:
-            # Alg. 2, line 3: z = 0 at the last step, so x_0 is the mean
-            return mean
+            return mean  # Alg. 2, line 3: z = 0 at the last step, so x_0 is the mean
         if noise is None:
             noise = torch.randn_like(x_t)  # Alg. 2, line 3: z ~ N(0, I)
         # sigma_t^2 = beta_t ("fixedlarge", the paper's CIFAR-10 choice) or beta_tilde_t [Sec. 3.2]
@@ -214,14 +198,12 @@ class GaussianDiffusion(nn.Module):
 # =============================================================================
 # Part II. The noise-prediction networks eps_theta(x_t, t)  [Sec. 4; App. B]
 # =============================================================================
-
 # --- Building blocks  [App. B: "a U-Net backbone similar to an unmasked PixelCNN++"] -------------
 def timestep_embedding(t, dim):
-    """The sinusoidal embedding of the step index [Sec. 4: "the Transformer sinusoidal position
-    embedding"], (B,) -> (B, dim), as the official code computes it. That differs from Vaswani
-    et al. (the official code says so too): the frequencies are 10000^(-i / (half - 1)) for
-    i = 0..half-1 rather than 10000^(-2i / dim), and the sines fill the first half of the
-    channels and the cosines the second, rather than alternating."""
+    """The sinusoidal embedding of the step [Sec. 4: "the Transformer sinusoidal position embedding"],
+    (B,) -> (B, dim), as the official code computes it, which differs from Vaswani et al. (it says so too):
+    frequencies 10000^(-i / (half - 1)), i = 0..half-1, not 10000^(-2i / dim), and the sines fill the
+    first half of the channels and the cosines the second, rather than alternating."""
     half = dim // 2
     # frequencies 10000^(-i / (half - 1)) for i = 0..half-1
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))  # (half,)
@@ -240,9 +222,8 @@ def Normalize(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(C)) v, the softmax over the keys: the weights of each query sum to 1.
-    q, k, v: (..., N, C) -> (..., N, C). AttnBlock has F.scaled_dot_product_attention compute
-    exactly this in one fused kernel (tested equal)."""
+    """softmax(q k^T / sqrt(C)) v over the keys (each query's weights sum to 1): (..., N, C) -> (..., N, C).
+    AttnBlock has F.scaled_dot_product_attention compute exactly this in one fused kernel (tested equal)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., N queries, N keys)
     return scores.softmax(dim=-1) @ v  # (..., N, C)
 
@@ -265,9 +246,8 @@ class ConvBlock(nn.Module):
         return self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, out_ch, H, W)
 
 class ResBlock(ConvBlock):
-    """The paper's residual block: x + F(x) with F a ConvBlock (He et al. 2016), a 1x1 conv on
-    the shortcut when the channel count changes. F's last conv starts at zero, so every block
-    starts as the identity [official code]."""
+    """The paper's residual block: x + F(x), F a ConvBlock (He et al. 2016), with a 1x1 conv on the shortcut
+    when the channels change. F's last conv starts at zero: every block starts as the identity [official code]."""
 
     def __init__(self, in_ch, out_ch, temb_ch, dropout):
         super().__init__(in_ch, out_ch, temb_ch, dropout)
@@ -307,30 +287,17 @@ def Upsample(ch):
     """Double the resolution: nearest-neighbour x2, then a 3x3 conv [App. B]. (B, C, 2H, 2W)."""
     return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"), init_(nn.Conv2d(ch, ch, 3, padding=1)))
 
-class Stage(nn.Module):
-    """One step of a UNet level: a block, then self-attention where the resolution has it."""
-
-    def __init__(self, block, attn):
-        super().__init__()
-        self.block, self.attn = block, attn
-
-    def forward(self, h, temb):
-        return self.attn(self.block(h, temb))
-
 # --- The paper's network, then the two ablations of the three-model experiment  [App. B] ---------
 # The paper's network comes first, as one unit like the official unet.py; the other two are it
 # with a part taken away, and read as such.
 
 class ResAttUNet(nn.Module):
     """The paper's CIFAR-10 network eps_theta(x_t, t): 35,746,307 parameters at the defaults.
-
-    A UNet over len(channel_mult) levels (32, 16, 8 and 4 pixels by default). Going down, each
-    level runs num_res_blocks residual blocks, with self-attention after each at the resolutions
-    in attn_resolutions, then halves the resolution; the middle runs block, attention, block;
-    going up, each level runs num_res_blocks + 1 blocks, each fed the running features joined
-    with one saved skip, then doubles the resolution. Every block sees the time embedding.
-    `block` and `attention` exist for the ablations below.
-    """
+    A UNet over len(channel_mult) levels (32, 16, 8 and 4 pixels by default). Going down, each level
+    runs num_res_blocks residual blocks, with self-attention after each at the attn_resolutions, then
+    halves the resolution; the middle runs block, attention, block; going up, each level runs
+    num_res_blocks + 1 blocks, each fed the running features joined with one saved skip, then doubles
+    the resolution. Every block sees the time embedding. `block` and `attention` serve the ablations."""
 
     def __init__(self, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, image_size=32, block=ResBlock, attention=True):
@@ -345,15 +312,14 @@ class ResAttUNet(nn.Module):
         if base_channels < 32 or any(w % 32 for w in widths):
             raise ValueError(f"channel widths {widths} (base_channels x channel_mult) must be multiples of 32 "
                              "so that GroupNorm(32) can split them")
-        self.base_channels = base_channels
-        temb_ch = 4 * base_channels
+        self.base_channels, temb_ch = base_channels, 4 * base_channels
         # timestep embedding: sinusoid (base) -> Linear (4 base) -> SiLU -> Linear (4 base)
         self.temb = nn.Sequential(init_(nn.Linear(base_channels, temb_ch)), nn.SiLU(), init_(nn.Linear(temb_ch, temb_ch)))
         self.conv_in = init_(nn.Conv2d(in_channels, base_channels, 3, padding=1))
 
-        def stage(in_ch, out_ch, res):  # a block, then attention if this resolution has it
+        def stage(in_ch, out_ch, res):  # one step of a level: a block, then attention where the resolution has it
             attn = AttnBlock(out_ch) if attention and res in attn_resolutions else nn.Identity()
-            return Stage(block(in_ch, out_ch, temb_ch, dropout), attn)
+            return nn.ModuleList([block(in_ch, out_ch, temb_ch, dropout), attn])
 
         # Down: every stage output and every downsampled map is a skip the up path will take
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -391,14 +357,14 @@ class ResAttUNet(nn.Module):
         temb = self.temb(timestep_embedding(t, self.base_channels))  # (B, 4 base)
         hs = [self.conv_in(x)]  # (B, base, H, W): the first skip
         for level, stages in enumerate(self.down):
-            for stage in stages:
-                hs.append(stage(hs[-1], temb))  # (B, C_level, H_level, W_level)
+            for block, attn in stages:
+                hs.append(attn(block(hs[-1], temb)))  # (B, C_level, H_level, W_level)
             if level < len(self.downsample):
                 hs.append(self.downsample[level](hs[-1]))  # (B, C_level, H_level/2, W_level/2)
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)
         for level, stages in enumerate(self.up):
-            for stage in stages:
-                h = stage(torch.cat([h, hs.pop()], dim=1), temb)  # (B, C + C_skip, ...) -> (B, C_level, ...)
+            for block, attn in stages:
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))  # (B, C + C_skip, ...) -> (B, C_level, ...)
             if level < len(self.upsample):
                 h = self.upsample[level](h)  # (B, C_level, 2 H_level, 2 W_level)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
@@ -411,17 +377,15 @@ class ResUNet(ResAttUNet):
         super().__init__(**kwargs, attention=False)
 
 class ConvUNet(ResAttUNet):
-    """ResUNet without the blocks' shortcuts: every block is a plain ConvBlock, with no zero
-    initialisation (it would cut the signal): 32,866,947 parameters at the defaults. The
-    original project's "Conv UNet". The UNet's skips still join the two paths, so conv_in's
-    output reaches the last block directly, but inside each level the signal and the gradient
-    pass through every convolution in turn."""
+    """ResUNet without the blocks' shortcuts: plain ConvBlocks, not zero-initialised (that would cut the
+    signal): 32,866,947 parameters at the defaults. The original project's "Conv UNet". The UNet's skips
+    still reach the up path (conv_in's output the last block), but within a block the signal and the
+    gradient pass through both convolutions with no way around them."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs, attention=False, block=ConvBlock)
 
-# the names accepted by --model
-MODELS = {"conv": ConvUNet, "res": ResUNet, "res_att": ResAttUNet}
+MODELS = {"conv": ConvUNet, "res": ResUNet, "res_att": ResAttUNet}  # the names --model takes
 
 def count_parameters(model):
     """The number of trainable numbers in a model."""
@@ -430,12 +394,10 @@ def count_parameters(model):
 # =============================================================================
 # Part III. Training and sampling  [Alg. 1, Alg. 2; Sec. 4; App. B]
 # =============================================================================
-
 # --- Training  [Alg. 1; App. B: Adam 2e-4, warm-up, gradient clipping, EMA 0.9999, flips] --------
 def get_batch(data, idx, flip):
-    """Alg. 1, line 2: x_0 ~ q(x_0). The images data[idx] (uint8) as floats in [-1, 1]
-    [Sec. 4], each mirrored with probability 1/2 when flip is set (the paper's random
-    horizontal flips for CIFAR-10) [App. B]."""
+    """Alg. 1, line 2: x_0 ~ q(x_0). The uint8 images data[idx] as floats in [-1, 1] [Sec. 4], each
+    mirrored with probability 1/2 when flip is set (the paper's random flips for CIFAR-10) [App. B]."""
     x_0 = data[idx].float() / 127.5 - 1.0  # (B, C, H, W), {0..255} -> [-1, 1]
     if flip:
         mirror = torch.rand(x_0.shape[0], 1, 1, 1, device=x_0.device) < 0.5  # (B, 1, 1, 1)
@@ -445,8 +407,7 @@ def get_batch(data, idx, flip):
 def make_optimizer(net, lr=2e-4, warmup=5000):
     """Adam with default betas and no weight decay, and the official code's linear learning-rate
     warm-up: lr * min(n / warmup, 1) at step n [App. B]. Returns (optimizer, scheduler)."""
-    # fused: one kernel for all parameters, where the parameters are on a GPU
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=next(net.parameters()).is_cuda)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=next(net.parameters()).is_cuda)  # fused: 1 kernel on a GPU
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, n / warmup) if warmup else 1.0)
     return optimizer, scheduler
 
@@ -460,9 +421,9 @@ def ema_update(ema, net, step, decay=0.9999):
     get_ema_multi_avg_fn(d)(list(ema.parameters()), list(net.parameters()), None)
 
 def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None):
-    """One iteration of Algorithm 1 on the batch x_0, with the official code's gradient clipping.
-    scaler: a torch.amp.GradScaler, a pass-through unless enabled (for float16); amp: the
-    autocast dtype (None: float32). Returns (loss, grad_norm), tensors nothing here waits for."""
+    """One iteration of Algorithm 1 on the batch x_0, with the official code's gradient clipping. scaler: a
+    torch.amp.GradScaler (a pass-through unless enabled, for float16); amp: the autocast dtype (None:
+    float32). Returns (loss, grad_norm), tensors that nothing here waits for."""
     with torch.autocast(x_0.device.type, dtype=amp, enabled=amp is not None):
         loss = diffusion.p_losses(model, x_0)  # Alg. 1, lines 3-5: t, eps and L_simple
     scaler.scale(loss).backward()  # Alg. 1, line 5: the gradient of L_simple
@@ -474,9 +435,8 @@ def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None
     return loss.detach(), grad_norm
 
 def train_loop(net, diffusion, data, steps, batch_size=128, lr=2e-4, warmup=5000, flip=True):
-    """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps and
-    return the EMA copy of its weights, ready to sample from. The whole method in a few lines;
-    the command line runs the same steps with checkpoints, logs and epochs around them."""
+    """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps; returns the EMA
+    copy of its weights, to sample from. The command line runs these steps with its operations around them."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(net, lr, warmup)
     scaler = torch.amp.GradScaler(data.device.type, enabled=False)  # float32: a pass-through
@@ -512,19 +472,16 @@ def p_sample_loop(diffusion, model, shape, clip_denoised=True, variance="fixedla
     return x_t
 
 # #############################################################################
-#
 #   The end of the method. Parts I-III above are a complete DDPM:
 #       net = ResAttUNet(); diffusion = GaussianDiffusion(linear_beta_schedule(1000))
 #       ema = train_loop(net, diffusion, data, steps=800_000)
 #       x_0 = p_sample_loop(diffusion, ema, (64, 3, 32, 32))
 #   Below: the extras (another schedule, two fast samplers), then the engineering.
-#
 # #############################################################################
 
 # =============================================================================
 # Extras: another schedule and two fast samplers  [not in the paper]
 # =============================================================================
-
 def cosine_beta_schedule(timesteps, s=0.008):
     """Nichol & Dhariwal (2021), Eq. 17: alpha_bar(t) = f(t) / f(0) with
     f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); betas clipped at 0.999. float64, shape (T,)."""
@@ -535,17 +492,14 @@ def cosine_beta_schedule(timesteps, s=0.008):
     # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped to avoid a singular last step
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
 
-# the names accepted by --schedule
-SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}  # the names --schedule takes
 
 def ddim_timesteps(num_timesteps, steps):
-    """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps, evenly spaced,
-    strictly decreasing from T-1 to 0 (so the first step starts from pure noise and the last
-    one lands on x_0). Integer arithmetic: floor(i * (T-1) / (steps-1)) for i = steps-1..0."""
+    """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps floor(i * (T-1) / (steps-1)),
+    i = steps-1..0, strictly decreasing from T-1 (pure noise) to 0 (the last lands on x_0)."""
     if not 2 <= steps <= num_timesteps:
         raise ValueError(f"need 2 <= steps <= T = {num_timesteps}, got {steps}")
-    # spacing (T-1)/(steps-1) >= 1, so the floors are distinct
-    return [i * (num_timesteps - 1) // (steps - 1) for i in reversed(range(steps))]
+    return [i * (num_timesteps - 1) // (steps - 1) for i in reversed(range(steps))]  # spacing >= 1: distinct
 
 @torch.inference_mode()
 def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True, x_T=None, generator=None):
@@ -579,10 +533,8 @@ def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True
     return x_t
 
 def dpm_solver_timesteps(alphas_cumprod, steps):
-    """`steps` code steps from T-1 down to 0, evenly spaced in the log-SNR lambda_t =
-    log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)): each target goes to the step whose lambda is
-    nearest, and where that gives one step twice (near t = 0, where lambda moves fastest) the
-    steps are pushed apart."""
+    """`steps` code steps from T-1 down to 0, evenly spaced in the log-SNR lambda_t = log(sqrt(alpha_bar_t
+    / (1 - alpha_bar_t))): each the step nearest its target, pushed apart where two coincide (near t = 0)."""
     T = len(alphas_cumprod)
     if not 2 <= steps <= T:
         raise ValueError(f"need 2 <= steps <= T = {T}, got {steps}")
@@ -598,14 +550,12 @@ def dpm_solver_timesteps(alphas_cumprod, steps):
 
 @torch.inference_mode()
 def dpm_solver_sample_loop(diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None):
-    """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep
-    solver of the probability-flow ODE in the log-SNR lambda, one network evaluation per step.
-    With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred the
-    x_0 predicted from eps [Eq. 15], each step is
+    """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep solver of the
+    probability-flow ODE in the log-SNR lambda, one network evaluation per step. With a = sqrt(alpha_bar),
+    s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred predicted from eps [Eq. 15], each step is
         x_next = (s_next / s) x - a_next (exp(-h) - 1) D,
         D = x_0_pred + (h / (2 h_prev)) (x_0_pred - x_0_pred_prev)    (D = x_0_pred at first),
-    and the last one lands on its x_0_pred, as DDIM's does (lambda -> infinity). D without its
-    correction term makes this DDIM, so with steps = 2 the two are equal (tested). Returns x_0."""
+    and the last lands on its x_0_pred, as DDIM's does. D = x_0_pred throughout would be DDIM. Returns x_0."""
     # NOTE(paper): not in the paper (Lu et al. 2022); --sampler dpm++
     check_eval(model)
     device = diffusion.betas.device
@@ -631,7 +581,6 @@ def dpm_solver_sample_loop(diffusion, model, shape, steps, clip_denoised=True, x
 # =============================================================================
 # Engineering: progress lines, data, devices and compile, checkpoints, the commands, the CLI
 # =============================================================================
-
 class UserError(Exception):
     """A mistake in the command line or its files: main() prints it on one line and exits 2."""
 
@@ -641,11 +590,8 @@ def first_line(e):
 
 # --- Progress lines: no phase that takes more than a few seconds is silent ---------------------
 class Progress:
-    """The status line of a phase: what it does, how far (where(done)), images/s and an ETA. In
-    a terminal it updates in place; elsewhere (a log file) it is a plain line every `every`
-    seconds. A phase shorter than that prints nothing."""
-
-    every = 5.0
+    """A phase's status line: what, how far (where(done)), images/s, ETA. It updates in place in a
+    terminal, is a plain line every 5 seconds elsewhere, and a shorter phase prints nothing."""
 
     def __init__(self, what, total, images_per_tick=1.0, where=None):
         self.what, self.total, self.per, self.where = what, total, images_per_tick, where or (lambda k: f"{k}/{total}")
@@ -655,7 +601,7 @@ class Progress:
     def tick(self):
         self.done += 1
         now, finished = time.time(), self.done >= self.total
-        if now - self.shown < (0.5 if self.tty else self.every) and not (finished and self.printed):
+        if now - self.shown < (0.5 if self.tty else 5.0) and not (finished and self.printed):
             return
         speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
         left = now - self.start if finished else (self.total - self.done) * self.per / speed
@@ -668,23 +614,22 @@ class Watched:
     """The network as a sampler calls it: each call ticks `progress`, and the inputs x_t of the
     calls numbered in `keep` (a list) are kept, for the reverse-process picture."""
 
-    def __init__(self, model, progress=None, keep=()):
+    def __init__(self, model, progress, keep=()):
         self.model, self.progress, self.keep, self.kept, self.calls = model, progress, list(keep), [], 0
         self.training = model.training  # what check_eval reads
 
     def __call__(self, x_t, t):
         self.kept += [x_t] * self.keep.count(self.calls)
         self.calls += 1
-        if self.progress:
-            self.progress.tick()
+        self.progress.tick()
         return self.model(x_t, t)
 
 # --- Data: the whole training set decoded once into one uint8 tensor on the device  [Sec. 4] ---
 TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
-def evenly_spaced(n, k):
-    """k indices spread evenly over range(n) (all of them when k >= n)."""
-    return torch.linspace(0, n - 1, min(k, n)).round().long()
+def evenly_spaced(n, k=None):
+    """k indices spread evenly over range(n); all of them when k is None or at least n."""
+    return torch.linspace(0, n - 1, min(k or n, n)).round().long()
 
 def load_dataset(name, data_dir, image_size, max_images=None):
     """The training set as one uint8 tensor (N, C, H, W), H = W = image_size. cifar10, mnist and
@@ -698,8 +643,7 @@ def load_dataset(name, data_dir, image_size, max_images=None):
         raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without internet, put "
                         f"torchvision's {name} files there, or train on any images with --dataset folder --data-dir DIR")
     x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
-    if max_images:
-        x = x[evenly_spaced(len(x), max_images)]
+    x = x[evenly_spaced(len(x), max_images)]
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else F.pad(x[:, None], (2, 2, 2, 2))  # (N, C, 32, 32)
     if x.shape[-1] != image_size:
         x = TF.resize(x, [image_size, image_size], antialias=True)  # (N, C, H, W)
@@ -713,7 +657,7 @@ def load_image_folder(root, image_size, max_images=None):
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise UserError(f"--data-dir {root} holds no .png/.jpg/.jpeg images")
-    files = [files[i] for i in evenly_spaced(len(files), max_images or len(files))]
+    files = [files[i] for i in evenly_spaced(len(files), max_images)]
     from PIL import Image  # Pillow: installed with torchvision
 
     def read(path, mode=None):
@@ -772,12 +716,10 @@ def prepare_network(net, device):
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 def maybe_compile(module, args, cuda_graphs=False):
-    """torch.compile with the mode of --compile (the module itself when it is off). "auto" adds
-    CUDA graphs ("reduce-overhead") where cuda_graphs allows: a training step at batch 128 is a
-    thousand short kernels, and a replayed graph removes most of their launch overhead."""
-    if not args.compile:
-        return module
-    return torch.compile(module, mode=("reduce-overhead" if cuda_graphs else "default") if args.compile == "auto" else args.compile)
+    """torch.compile with the mode of --compile (the module itself when off). "auto" adds CUDA graphs where
+    cuda_graphs allows: a training step is a thousand short kernels, and a replayed graph saves their launches."""
+    mode = ("reduce-overhead" if cuda_graphs else "default") if args.compile == "auto" else args.compile
+    return torch.compile(module, mode=mode) if args.compile else module
 
 # --- Checkpoints, samplers and pictures -------------------------------------------------------
 CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested, every rank's random state
@@ -823,8 +765,8 @@ def save_grid(x, path, nrow):
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
 def sampler_plan(args, num_timesteps, device):
-    """The sampler --sampler names and its number of network evaluations. auto: Algorithm 2 on
-    a GPU; DPM-Solver++ elsewhere, where 1000 evaluations per image take too long."""
+    """--sampler's sampler and its number of network evaluations; auto: Algorithm 2 on a GPU,
+    DPM-Solver++ elsewhere, where 1000 evaluations per image take too long."""
     name = args.sampler if args.sampler != "auto" else "ddpm" if device.type == "cuda" else "dpm++"
     return name, num_timesteps if name == "ddpm" else args.sample_steps or {"ddim": 100, "dpm++": 20}[name]
 
@@ -835,10 +777,10 @@ def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
     return Progress(f"{what} ({name}, {K} steps)", batches * K, batch / K, where)
 
 def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, keep=()):
-    """Sample from x_T with --sampler: ddpm (Alg. 2, --variance), ddim (--sample-steps, --eta) or
-    dpm++ (--sample-steps), the network under autocast(dtype). progress ticks once per network
-    evaluation; with keep (evaluation numbers) also returns the x_t they saw, (K, B, C, H, W)."""
+    """Sample from x_T with --sampler, the network under autocast(dtype); progress ticks once per
+    network evaluation; keep (evaluation numbers): also return the x_t they saw, (K, B, C, H, W)."""
     name, steps = sampler_plan(args, diffusion.num_timesteps, x_T.device)
+    progress = progress or sampling_progress("sampling", args, diffusion.num_timesteps, x_T.device, len(x_T))
     net = Watched(model, progress, keep)
     with torch.autocast(x_T.device.type, dtype=dtype, enabled=dtype is not None):
         if name == "ddpm":
@@ -850,8 +792,8 @@ def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, ke
     return (x_0, torch.stack(net.kept)) if keep else x_0
 
 def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
-    """The sample grid from a fixed x_T, and the progressive-generation picture: for the first
-    8 images a row each, x_t at 9 evenly spaced steps from pure noise, then the final x_0."""
+    """The sample grid from a fixed x_T, and the progressive-generation picture: a row for each of
+    the first 8 images, x_t at 9 evenly spaced sampler steps from pure noise, then x_0."""
     K = sampler_plan(args, diffusion.num_timesteps, x_T.device)[1]
     progress = sampling_progress("final pictures", args, diffusion.num_timesteps, x_T.device, len(x_T))
     generator = torch.Generator(x_T.device).manual_seed(args.seed)  # the same z every time
@@ -863,9 +805,8 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
 
 # --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
 def build_training(args, channels, device, world=1):
-    """What a training step needs: the network (net), the module the step calls (model: net
-    wrapped by DDP and/or torch.compile), its EMA copy, the diffusion, the optimiser and its LR
-    warm-up, and the gradient scaler (enabled for --amp fp16 only)."""
+    """What a training step needs: the network (net), the module the step calls (model: net in DDP and/or
+    torch.compile), its EMA copy, the diffusion, optimiser, LR warm-up and gradient scaler (fp16 only)."""
     net = prepare_network(build_model({**vars(args), "channels": channels}), device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)  # EMA weights: what we sample from
     diffusion = GaussianDiffusion(SCHEDULES[args.schedule](args.timesteps)).to(device)
@@ -874,17 +815,14 @@ def build_training(args, channels, device, world=1):
     model = net
     if world > 1:  # gradients averaged over the ranks during backward
         model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    # CUDA graphs on one GPU only: DDP's gradient hooks rule them out
-    model = maybe_compile(model, args, cuda_graphs=device.type == "cuda" and world == 1)
+    model = maybe_compile(model, args, cuda_graphs=device.type == "cuda" and world == 1)  # DDP's hooks rule them out
     return net, model, ema, diffusion, optimizer, scheduler, scaler
 
-# flags a resumed run may change; the others (network, data, recipe) must match the checkpoint
 RESUME_MAY_CHANGE = {"epochs", "max_steps", "data_dir", "device", "amp", "compile", "ckpt_every", "ckpt_minutes",
-                     "sample_every", "log_every", "wandb", "sampler", "sample_steps", "eta", "variance"}
+                     "sample_every", "log_every", "wandb", "sampler", "sample_steps", "eta", "variance"}  # others: as saved
 
 def resume_config(args, ckpt):
-    """Take the flags not typed from the checkpoint's configuration; refuse a typed one that
-    contradicts it, unless a resumed run may change it."""
+    """Take the flags not typed from the checkpoint; refuse a typed one that contradicts it and may not change."""
     for key, saved in ckpt["config"].items():
         if key in ("resume", "out_dir") or not hasattr(args, key):
             continue
@@ -895,9 +833,8 @@ def resume_config(args, ckpt):
                             f"{saved}; drop the flag, or start a new run in another --out-dir")
 
 def train(args):
-    """Train eps_theta with Algorithm 1 and write ckpt.pt, log.csv and pictures to --out-dir.
-    Under torchrun every process (rank) runs this: rank 0 writes the files, and all ranks take
-    every decision to stop or save together. Returns the trained network, on its device."""
+    """Train eps_theta with Algorithm 1, writing ckpt.pt, log.csv and pictures to --out-dir; returns the network.
+    Under torchrun every process (rank) runs it: rank 0 writes the files; all ranks stop and save together."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # torchrun's
     device, dtype = setup_device(args)  # --device, --amp
     out_dir = Path(args.out_dir or f"runs/{args.model}")
@@ -957,10 +894,8 @@ def train(args):
         if ckpt and (out_dir / "log.csv").exists():  # the rows after the checkpoint's step are done again
             with open(out_dir / "log.csv", newline="") as f:
                 rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
-        with open(out_dir / "log.csv.tmp", "w", newline="") as f:
-            csv.writer(f).writerows(rows)
-        os.replace(out_dir / "log.csv.tmp", out_dir / "log.csv")
-        log_file = open(out_dir / "log.csv", "a", newline="")
+        log_file = open(out_dir / "log.csv", "w", newline="")
+        csv.writer(log_file).writerows(rows)
         if args.wandb:
             wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
         print(f"training {args.model} ({count_parameters(net):,} parameters) on {args.dataset} "
@@ -973,7 +908,7 @@ def train(args):
     loss_sum = torch.zeros((), device=device)  # summed between log rows, read only there
     bad_step = torch.full((), -1, device=device, dtype=torch.long)  # the first step with a non-finite loss or gradient
     saved_step, saved_at, perm_epoch, t_start = step, time.time(), None, time.time()
-    last = {"step": step, "time": t_start, "print": 0.0, "speed": (step, t_start)}
+    last = {"step": step, "time": t_start, "speed": (step, t_start)}
 
     def agree(*flags):
         """Each flag as its maximum over the ranks, so that all of them take the same decision."""
@@ -986,7 +921,7 @@ def train(args):
     def checkpoint():
         """Save, on rank 0, after all ranks checked that no loss or gradient went NaN or infinite."""
         nonlocal saved_step, saved_at
-        bad = agree(int(bad_step))[0]  # waits for the GPU, as only log rows do too
+        bad = agree(int(bad_step))[0]  # reads the GPU, as only log rows do besides
         if bad >= 0:
             raise UserError(f"the loss or its gradient became NaN or infinite at step {bad}; stopped without saving, "
                             f"so {ckpt_path} still holds step {saved_step} (try --amp none or a lower --lr)")
@@ -1009,7 +944,7 @@ def train(args):
         saved_step, saved_at = step, time.time()
 
     def write_log(grad_norm):
-        """One log.csv row, and a console line every few seconds, from tensors read here only."""
+        """A log.csv row and a console line, from tensors read here only."""
         now = time.time()
         loss = loss_sum.item() / max(step - last["step"], 1)
         loss_sum.zero_()
@@ -1021,19 +956,14 @@ def train(args):
         log_file.flush()
         if args.wandb:
             wandb.log({"loss": loss, "lr": float(row[3]), "grad_norm": float(row[4]), "images_per_s": speed}, step=step)
-        if now - last["print"] >= 5 or step == total_steps:
-            print(f"step {step}/{total_steps} | epoch {row[1]} | loss {loss:.4f} | {speed:,.0f} img/s | lr {row[3]} | "
-                  f"ETA {(total_steps - step) * B / max(speed, 1e-9) / 60:.1f} min", flush=True)
-            last["print"] = now
+        print(f"step {step}/{total_steps} | epoch {row[1]} | loss {loss:.4f} | {speed:,.0f} img/s | lr {row[3]} | "
+              f"ETA {(total_steps - step) * B / max(speed, 1e-9) / 60:.1f} min", flush=True)
 
     # Ctrl-C and SIGTERM only raise a flag; the loop stops between two steps, and saves
     stop_requested, previous_handlers = [], {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job ignores Ctrl-C: so do we
-            try:
-                previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
-            except ValueError:  # not the main thread: keep the default handlers
-                pass
+    for sig in (signal.SIGINT, signal.SIGTERM):  # (not where a background job ignores Ctrl-C, nor off the main thread)
+        if signal.getsignal(sig) is not signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
@@ -1049,13 +979,14 @@ def train(args):
             # an infinite gradient is a bad step too, except with fp16, whose scaler skips that update
             finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
             bad_step = torch.where(finite | (bad_step >= 0), bad_step, step)
-            due = rank == 0 and args.ckpt_minutes and time.time() - saved_at >= 60 * args.ckpt_minutes  # rank 0's clock
             log_row = step % args.log_every == 0 or step == total_steps  # also where the GPU's bad_step is read
-            stop, save, bad = agree(bool(stop_requested), due or args.ckpt_every and step % args.ckpt_every == 0,
-                                    log_row and int(bad_step) >= 0)
+            stop = due = bad = False
+            if world == 1 or log_row or step % 10 == 0:  # the ranks agree every 10 steps (0.7 ms each on 2 CPU cores)
+                due = rank == 0 and args.ckpt_minutes and time.time() - saved_at >= 60 * args.ckpt_minutes  # rank 0's clock
+                stop, due, bad = agree(bool(stop_requested), due, log_row and int(bad_step) >= 0)
             if stop:
                 raise KeyboardInterrupt
-            if save or bad or step == total_steps:
+            if due or bad or args.ckpt_every and step % args.ckpt_every == 0 or step == total_steps:
                 checkpoint()  # which refuses, and says why, after a bad step
             if rank == 0 and (log_row or time.time() - last["time"] >= 10):
                 write_log(grad_norm)
@@ -1068,7 +999,6 @@ def train(args):
                                       progress), path, nrow=8)
                 if args.wandb:
                     wandb.log({"samples": wandb.Image(str(path))}, step=step)
-            if not into_epoch:
                 last["speed"] = (step, time.time())  # keep sampling out of images/s
     except KeyboardInterrupt:
         checkpoint()
@@ -1148,17 +1078,15 @@ def forward(args):
     save_grid(torch.stack(cols, dim=1).flatten(0, 1), out_dir / "forward_process.png", nrow=len(cols))
     print(f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = " + ", ".join(str(t + 1) for t in steps))
 
-# bench's defaults on a CPU for the flags not typed: the quick start's network, small batches
-BENCH_CPU = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16],
-             "batch_size": 16, "sample_batch_size": 16, "steps": 10, "warmup_steps": 2}
+BENCH_CPU = {"image_size": 16, "base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
+             "batch_size": 32, "sample_batch_size": 32, "steps": 20, "warmup_steps": 3}  # the quick start's network
 
 def bench(args):
-    """Time --steps training steps (Alg. 1, all of it) and sampler network evaluations on random data,
-    after --warmup-steps of each (which include compiling); --profile N: then profile N steps."""
+    """Time --steps training steps (all of Alg. 1) and sampler network evaluations on random data, after
+    --warmup-steps of each (compiling included); --profile N: then profile N training steps."""
     device, dtype = setup_device(args)
     if device.type == "cpu":  # the GPU defaults (the paper's network at batch 128) take hours here
-        cpu = {k: v for k, v in BENCH_CPU.items() if k not in args.explicit}
-        vars(args).update(cpu)
+        vars(args).update(cpu := {k: v for k, v in BENCH_CPU.items() if k not in args.explicit})
         print("bench on a CPU, with its CPU defaults for the flags not typed: " + " ".join(
             f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in cpu.items()))
     torch.manual_seed(args.seed)
@@ -1209,8 +1137,7 @@ def bench(args):
         print(f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step (wall clock, profiler on)")
 
 def compare(args):
-    """The loss curves of several runs side by side: each run's mean loss, read from its log.csv,
-    over 8 equal stretches of the steps all of them have reached."""
+    """Loss curves side by side: each run's mean loss (its log.csv) over 8 stretches of the steps all reached."""
     runs = {}
     for folder in map(Path, args.runs):
         try:
@@ -1245,8 +1172,7 @@ def checked(kind, ok, must):
 
 AT_LEAST_1, AT_LEAST_2 = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 2, "at least 2")
 COUNT, NONNEGATIVE = checked(int, lambda v: v >= 0, "0 or more"), checked(float, lambda v: v >= 0, "0 or more")
-POSITIVE = checked(float, lambda v: v > 0, "more than 0")  # --grad-clip inf: no clipping
-FRACTION = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+POSITIVE, FRACTION = checked(float, lambda v: v > 0, "more than 0"), checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 def int_list(text):
     """'1,2,2,2' -> [1, 2, 2, 2]; '' -> []. Every value must be a positive integer."""
@@ -1303,10 +1229,9 @@ def build_parser():
     g.add_argument("--warmup", type=COUNT, default=5000, help="linear LR warm-up steps (default: %(default)s; paper: 5000)")
     g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="clip the global gradient norm to this; inf: no clipping (default: %(default)s; paper: 1.0)")
     g.add_argument("--ema-decay", type=FRACTION, default=0.9999, help="EMA decay, warmed up (default: %(default)s; paper: 0.9999)")
-    g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=None, help="where ckpt.pt, log.csv and pictures go (default: runs/<model>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
-    g.add_argument("--ckpt-minutes", type=NONNEGATIVE, default=10, help="save ckpt.pt every this many minutes, and at the end and on a stop; 0: only then (default: %(default)s)")
+    g.add_argument("--ckpt-minutes", type=NONNEGATIVE, default=5, help="save ckpt.pt every this many minutes, and at the end and on a stop; 0: only then (default: %(default)s)")
     g.add_argument("--ckpt-every", type=COUNT, default=0, help="also save every N steps; 0: off (default: %(default)s)")
     g.add_argument("--sample-every", type=COUNT, default=10, help="a sample grid every N epochs; 0: never (default: %(default)s)")
     g.add_argument("--log-every", type=AT_LEAST_1, default=100, help="a log.csv row every N steps (default: %(default)s)")
@@ -1329,10 +1254,10 @@ def build_parser():
     p.add_argument("runs", nargs="+", help="run folders (each with the log.csv that train wrote)")
     p = commands["bench"] = sub.add_parser("bench", parents=[net, run], allow_abbrev=False, help="measure training and sampling speed",
                                            description="Training and sampling images/s on random data. On a CPU the flags not typed take small defaults, so that it ends within a minute.")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=128, help="training batch (default: %(default)s; on a CPU 16)")
-    p.add_argument("--sample-batch-size", type=AT_LEAST_1, default=500, help="sampling batch (default: %(default)s; on a CPU 16)")
-    p.add_argument("--steps", type=AT_LEAST_1, default=20, help="timed calls of each (default: %(default)s; on a CPU 10)")
-    p.add_argument("--warmup-steps", type=COUNT, default=5, help="untimed calls first, compiling included (default: %(default)s; on a CPU 2)")
+    p.add_argument("--batch-size", type=AT_LEAST_1, default=128, help="training batch (default: %(default)s; on a CPU 32)")
+    p.add_argument("--sample-batch-size", type=AT_LEAST_1, default=500, help="sampling batch (default: %(default)s; on a CPU 32)")
+    p.add_argument("--steps", type=AT_LEAST_1, default=20, help="timed calls of each (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=COUNT, default=5, help="untimed calls first, compiling included (default: %(default)s; on a CPU 3)")
     p.add_argument("--profile", type=COUNT, default=0, metavar="N", help="then profile N training steps and print the slowest operators/kernels (default: %(default)s, off)")
     p.set_defaults(**{name: commands["train"].get_default(name) for name in ("lr", "grad_clip", "ema_decay", "warmup")})  # read by the step
     return parser, commands
@@ -1344,13 +1269,13 @@ def parse_args(argv):
     if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv.insert(0, "train")
     args = parser.parse_args(argv)
-    # the flags typed on the command line (a resumed run may not contradict its checkpoint)
-    args.explicit = {a.dest for a in commands[args.command]._actions if any(tok.split("=")[0] in a.option_strings for tok in argv)}
+    args.explicit = {a.dest for a in commands[args.command]._actions  # the flags typed (a resume may not contradict them)
+                     if any(tok.split("=")[0] in a.option_strings for tok in argv)}
     return args
 
 def main(argv=None):
-    """Run a command; returns the exit status: 0, 2 for bad input (one line on stderr), 130 for
-    Ctrl-C. Under torchrun only rank 0 prints these lines; the other ranks exit alike."""
+    """Run a command; returns 0, 2 for bad input (one line on stderr) or 130 for Ctrl-C. Under torchrun
+    only rank 0 prints that line; the other ranks exit alike."""
     say = (lambda line: print(line, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda line: None)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)

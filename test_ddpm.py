@@ -1025,7 +1025,7 @@ def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(im
 
 
 def test_checkpoints_are_timed_saved_at_the_end(image_dir, tmp_path, monkeypatch):
-    """By default a checkpoint is written every --ckpt-minutes (10) and at the end, not at every epoch end:
+    """By default a checkpoint is written every --ckpt-minutes (5) and at the end, not at every epoch end:
     a short run saves once; with a tiny --ckpt-minutes every step saves."""
     saves = []
     real_save = ddpm.save_checkpoint
@@ -1151,11 +1151,11 @@ def test_bench_on_a_cpu_says_what_it_measured(capsys, monkeypatch):
     assert ddpm.main([*flags, "--profile", "2"]) == 0
     out = capsys.readouterr().out
     assert "CPU defaults for the flags not typed: --base-channels 32 --channel-mult 1,2 --num-res-blocks 1 " \
-           "--batch-size 16 --sample-batch-size 16" in out
+           "--batch-size 32 --sample-batch-size 32" in out
     assert "bench: res, 635,427 parameters, 8x8" in out  # the CPU defaults' network, at the typed size
     for row in ("train", "sample"):
         line = next(line for line in out.splitlines() if line.startswith(row))
-        assert line.split()[1] == "16" and float(line.split()[2].replace(",", "")) > 0
+        assert line.split()[1] == "32" and float(line.split()[2].replace(",", "")) > 0
     assert "aten::convolution_backward" in out and "profiled 2 training steps" in out
     expect_error([*flags, "--profile", "-1"], "--profile", "0 or more", capsys=capsys)
 
@@ -1191,15 +1191,15 @@ def ddp_worker(rank, world, ports, image_dir, root):
     run("once", ports[0])
     run("twice", ports[1], "--max-steps", "3")
     run("twice", ports[2], "--resume")
-    run("signal", ports[3], fault="signal")
+    run("signal", ports[3], "--max-steps", "20", fault="signal")
     run("disk", ports[4], "--ckpt-every", "2", fault="disk")
     torch.save(results, root / f"rank{rank}.pt")
 
 
 def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir, tmp_path):
     """torchrun-style DDP with 2 Gloo processes: rank 0 alone writes; a run stopped and resumed equals the uninterrupted
-    one bit for bit; a SIGTERM that reaches rank 1 first stops both ranks at the same step, saved once and said once; a
-    full disk on rank 0 ends both ranks with one line, and neither hangs."""
+    one bit for bit; a SIGTERM that reaches rank 1 after step 2 and rank 0 after step 3 stops both at the next agreement
+    (step 10), saved once and said once; a full disk on rank 0 ends both ranks with one line, and neither hangs."""
     ports = []
     for _ in range(5):
         with socket.socket() as s:
@@ -1212,9 +1212,9 @@ def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir
     assert once["step"] == twice["step"] == 6 and len(once["rng"]["torch"]) == 2
     for key in ("model", "ema"):
         assert all(torch.equal(once[key][k], twice[key][k]) for k in once[key]), key
-    assert r0["signal"][0] == r1["signal"][0] == 130 and r0["signal"][2] == r1["signal"][2] == 2
-    assert state_of(tmp_path / "signal")["step"] == 2
-    assert r0["signal"][1].count("stopped at step 2: saved") == 1 and r1["signal"][1] == ""
+    assert r0["signal"][0] == r1["signal"][0] == 130 and r0["signal"][2] == r1["signal"][2] == 10
+    assert state_of(tmp_path / "signal")["step"] == 10
+    assert r0["signal"][1].count("stopped at step 10: saved") == 1 and r1["signal"][1] == ""
     assert r0["disk"][0] == r1["disk"][0] == 2 and r0["disk"][2] == r1["disk"][2] == 2
     assert "No space left on device" in r0["disk"][1] and len(r0["disk"][1].strip().splitlines()) == 1 and r1["disk"][1] == ""
     assert not (tmp_path / "disk" / "ckpt.pt").exists()
