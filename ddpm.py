@@ -929,7 +929,7 @@ def train(args):
         ranks = [states] * world
         if world > 1:  # every rank's random states, so that a resumed run is the uninterrupted one
             dist.all_gather_object(ranks, states, group=control)
-        error = None
+        error = ""  # rank 0's message, as a string: an exception kept here would keep this frame (and DDP) alive
         try:
             if rank == 0:
                 save_checkpoint(ckpt_path, {
@@ -938,9 +938,9 @@ def train(args):
                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]}})
         except UserError as e:  # a full disk: every rank stops, rank 0 says why
-            error = e
-        if agree(error is not None)[0]:
-            raise error or UserError("rank 0 could not write the checkpoint")
+            error = str(e)
+        if agree(bool(error))[0]:
+            raise UserError(error or "rank 0 could not write the checkpoint")
         saved_step, saved_at = step, time.time()
 
     def write_log(grad_norm):
