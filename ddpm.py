@@ -659,7 +659,6 @@ def load_image_folder(root, image_size, max_images=None):
         raise UserError(f"--data-dir {root} holds no .png/.jpg/.jpeg images")
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
     from PIL import Image  # Pillow: installed with torchvision
-
     def read(path, mode=None):
         try:
             with Image.open(path) as im:
@@ -1044,8 +1043,7 @@ def sample(args):
         if stale:
             raise UserError(f"{out_dir / 'images'} holds {len(stale)} PNG file(s) that this run would not replace, "
                             f"e.g. {stale[0].name} (FID would read them too); choose another --out-dir")
-    C, S = cfg["channels"], cfg["image_size"]
-    n, B = args.num_samples, min(args.batch_size, args.num_samples)
+    C, S, n, B = cfg["channels"], cfg["image_size"], args.num_samples, min(args.batch_size, args.num_samples)
     noise_gen = torch.Generator().manual_seed(args.seed)  # x_T, drawn on the CPU: device-independent
     z_gen = torch.Generator(device).manual_seed(args.seed)  # the z of each step
     progress = sampling_progress(f"sampling {n} images", args, cfg["timesteps"], device, B, math.ceil(n / B))
@@ -1058,8 +1056,10 @@ def sample(args):
     save_grid(images[:64].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
         (out_dir / "images").mkdir(exist_ok=True)
+        progress = Progress(f"writing {out_dir / 'images'}", n)
         for k, img in enumerate(images):
             save_image(img / 255.0, out_dir / "images" / f"{k:06d}.png")  # 8-bit values, exactly
+            progress.tick()
         print(f"wrote {n} images to {out_dir / 'images'} and a grid to {out_dir / 'grid.png'}")
     else:  # one uint8 array (N, H, W, C), stored under the default key arr_0
         np.savez(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy())
