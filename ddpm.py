@@ -71,6 +71,7 @@ import torchvision.transforms.functional as TF
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.utils import save_image
 
+
 # =============================================================================
 # Part I. The diffusion process  [Sec. 2, Sec. 3]
 # =============================================================================
@@ -85,6 +86,7 @@ def linear_beta_schedule(timesteps, beta_start=1e-4, beta_end=0.02):
     # float64 so that alpha_bar, a product of 1000 factors, keeps its digits
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
+
 # --- extract: one coefficient per sample, ready to broadcast  [the per-t scalars of Eq. 4-15] ----
 # Time-index rule: code t in {0..T-1} is paper step t+1, so a[t] is the paper's a_{t+1}.
 def extract(a, t, x_shape):
@@ -93,6 +95,7 @@ def extract(a, t, x_shape):
     B = t.shape[0]
     out = a.gather(0, t.to(a.device))  # (B,)
     return out.reshape(B, *((1,) * (len(x_shape) - 1)))  # (B, 1, 1, 1)
+
 
 # --- The forward process q and one step of the reverse process p_theta  [Sec. 2-3, Eq. 1-15] -----
 class GaussianDiffusion(nn.Module):
@@ -117,18 +120,27 @@ class GaussianDiffusion(nn.Module):
             "betas": betas,  # beta_t; p_sample (Eq. 11, and sigma_t^2 = beta_t)
             "alphas_cumprod": alphas_cumprod,  # alpha_bar_t; the fast samplers after the banner
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),  # sqrt(alpha_bar_t); q_sample
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),  # sqrt(1 - alpha_bar_t); q_sample, p_sample
+            "sqrt_one_minus_alphas_cumprod": (
+                1.0 - alphas_cumprod
+            ).sqrt(),  # sqrt(1 - alpha_bar_t); q_sample, p_sample
             "sqrt_recip_alphas": alphas.rsqrt(),  # 1 / sqrt(alpha_t); p_sample (Eq. 11)
             "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),  # sqrt(1 / alpha_bar_t); predict_x0_from_eps
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),  # sqrt(1 / alpha_bar_t - 1); the same
+            "sqrt_recipm1_alphas_cumprod": (
+                1.0 / alphas_cumprod - 1.0
+            ).sqrt(),  # sqrt(1 / alpha_bar_t - 1); the same
             # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1; q_posterior, p_sample
             "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             # beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t): the weight of x_0 in mu_tilde [Eq. 7]; q_posterior
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             # (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t): the weight of x_t in mu_tilde; q_posterior
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
+            * alphas.sqrt()
+            / (1.0 - alphas_cumprod),
         }
-        for name, value in buffers.items():  # float32, moved by .to(device), rebuilt rather than saved
+        for (
+            name,
+            value,
+        ) in buffers.items():  # float32, moved by .to(device), rebuilt rather than saved
             self.register_buffer(name, value.float(), persistent=False)
 
     def q_sample(self, x_0, t, noise=None):
@@ -136,8 +148,10 @@ class GaussianDiffusion(nn.Module):
         x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps."""
         if noise is None:
             noise = torch.randn_like(x_0)  # eps ~ N(0, I)
-        return (extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0  # (B, 1, 1, 1) * (B, C, H, W)
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise)
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_0.shape) * x_0  # (B, 1, 1, 1) * (B, C, H, W)
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise
+        )
 
     def p_losses(self, model, x_0, t=None, noise=None):
         """L_simple [Eq. 14], Algorithm 1, lines 3-5: the mean squared error between the true
@@ -157,15 +171,19 @@ class GaussianDiffusion(nn.Module):
     def predict_x0_from_eps(self, x_t, t, eps):
         """Invert Eq. 4 for x_0 given the noise  [Eq. 15]:
         x_0 = sqrt(1 / alpha_bar_t) * x_t - sqrt(1 / alpha_bar_t - 1) * eps."""
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+        )
 
     def q_posterior(self, x_0, x_t, t):
         """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) [Eq. 6-7].
         Returns (mean, variance), the variance shaped (B, 1, 1, 1)."""
         # mu_tilde_t = coef1 * x_0 + coef2 * x_t  [Eq. 7]
-        mean = (extract(self.posterior_mean_coef1, t, x_t.shape) * x_0
-                + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        mean = (
+            extract(self.posterior_mean_coef1, t, x_t.shape) * x_0
+            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+        )
         return mean, extract(self.posterior_variance, t, x_t.shape)  # beta_tilde_t  [Eq. 7]
 
     def p_sample(self, model, x_t, t, noise=None, clip_denoised=True, variance="fixedlarge"):
@@ -184,7 +202,9 @@ class GaussianDiffusion(nn.Module):
             mean, _ = self.q_posterior(x_0_pred, x_t, t_batch)
         else:
             # Eq. 11: mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps_theta) / sqrt(alpha_t)
-            eps_coef = extract(self.betas, t_batch, shape) / extract(self.sqrt_one_minus_alphas_cumprod, t_batch, shape)
+            eps_coef = extract(self.betas, t_batch, shape) / extract(
+                self.sqrt_one_minus_alphas_cumprod, t_batch, shape
+            )
             mean = extract(self.sqrt_recip_alphas, t_batch, shape) * (x_t - eps_coef * eps_pred)
         if t == 0:
             return mean  # Alg. 2, line 3: z = 0 at the last step, so x_0 is the mean
@@ -194,6 +214,7 @@ class GaussianDiffusion(nn.Module):
         sigma = (self.betas[t] if variance == "fixedlarge" else self.posterior_variance[t]).sqrt()
         # Alg. 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
         return mean + sigma * noise
+
 
 # =============================================================================
 # Part II. The noise-prediction networks eps_theta(x_t, t)  [Sec. 4; App. B]
@@ -206,9 +227,12 @@ def timestep_embedding(t, dim):
     first half of the channels and the cosines the second, rather than alternating."""
     half = dim // 2
     # frequencies 10000^(-i / (half - 1)) for i = 0..half-1
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))  # (half,)
+    freqs = torch.exp(
+        -math.log(10000) * torch.arange(half, device=t.device) / (half - 1)
+    )  # (half,)
     angles = t.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, dim)
+
 
 def init_(layer, scale=1.0):
     """The official initialisation: weights ~ variance_scaling(scale, "fan_avg", "uniform"),
@@ -217,15 +241,18 @@ def init_(layer, scale=1.0):
     nn.init.zeros_(layer.bias)
     return layer
 
+
 def Normalize(channels):
     """GroupNorm with 32 groups, the paper's replacement for weight normalisation [App. B]."""
     return nn.GroupNorm(32, channels, eps=1e-6)
+
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(C)) v over the keys (each query's weights sum to 1): (..., N, C) -> (..., N, C).
     AttnBlock has F.scaled_dot_product_attention compute exactly this in one fused kernel (tested equal)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., N queries, N keys)
     return scores.softmax(dim=-1) @ v  # (..., N, C)
+
 
 class ConvBlock(nn.Module):
     """Two 3x3 convolutions, GroupNorm -> SiLU before each, the time embedding added after the
@@ -245,6 +272,7 @@ class ConvBlock(nn.Module):
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # + (B, out_ch, 1, 1)
         return self.conv2(self.dropout(F.silu(self.norm2(h))))  # (B, out_ch, H, W)
 
+
 class ResBlock(ConvBlock):
     """The paper's residual block: x + F(x), F a ConvBlock (He et al. 2016), with a 1x1 conv on the shortcut
     when the channels change. F's last conv starts at zero: every block starts as the identity [official code]."""
@@ -256,6 +284,7 @@ class ResBlock(ConvBlock):
 
     def forward(self, x, temb):
         return self.shortcut(x) + super().forward(x, temb)  # (B, out_ch, H, W)
+
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over the N = H*W positions, with a residual connection
@@ -278,18 +307,24 @@ class AttnBlock(nn.Module):
         h = h[:, 0].transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
         return x + self.proj_out(h)
 
+
 def Downsample(ch):
     """Halve the resolution with a stride-2 3x3 conv [App. B], padded at the right and bottom only:
     TensorFlow's "SAME" padding for a stride-2 conv, as the paper's code has. (B, C, H/2, W/2)."""
     return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), init_(nn.Conv2d(ch, ch, 3, stride=2)))
 
+
 def Upsample(ch):
     """Double the resolution: nearest-neighbour x2, then a 3x3 conv [App. B]. (B, C, 2H, 2W)."""
-    return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"), init_(nn.Conv2d(ch, ch, 3, padding=1)))
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2.0, mode="nearest"), init_(nn.Conv2d(ch, ch, 3, padding=1))
+    )
+
 
 # --- The paper's network, then the two ablations of the three-model experiment  [App. B] ---------
 # The paper's network comes first, as one unit like the official unet.py; the other two are it
 # with a part taken away, and read as such.
+
 
 class ResAttUNet(nn.Module):
     """The paper's CIFAR-10 network eps_theta(x_t, t): 35,746,307 parameters at the defaults.
@@ -299,25 +334,45 @@ class ResAttUNet(nn.Module):
     num_res_blocks + 1 blocks, each fed the running features joined with one saved skip, then doubles
     the resolution. Every block sees the time embedding. `block` and `attention` serve the ablations."""
 
-    def __init__(self, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, image_size=32, block=ResBlock, attention=True):
+    def __init__(
+        self,
+        in_channels=3,
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attn_resolutions=(16,),
+        dropout=0.1,
+        image_size=32,
+        block=ResBlock,
+        attention=True,
+    ):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]  # channels at each level
         levels = len(widths)
         if levels < 1 or num_res_blocks < 1 or in_channels < 1 or not 0 <= dropout < 1:
-            raise ValueError("need channel_mult, num_res_blocks >= 1, in_channels >= 1, 0 <= dropout < 1")
+            raise ValueError(
+                "need channel_mult, num_res_blocks >= 1, in_channels >= 1, 0 <= dropout < 1"
+            )
         if image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) = "
-                             f"{2 ** (levels - 1)} so that each of the {levels} levels can halve it")
+            raise ValueError(
+                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) = "
+                f"{2 ** (levels - 1)} so that each of the {levels} levels can halve it"
+            )
         if base_channels < 32 or any(w % 32 for w in widths):
-            raise ValueError(f"channel widths {widths} (base_channels x channel_mult) must be multiples of 32 "
-                             "so that GroupNorm(32) can split them")
+            raise ValueError(
+                f"channel widths {widths} (base_channels x channel_mult) must be multiples of 32 "
+                "so that GroupNorm(32) can split them"
+            )
         self.base_channels, temb_ch = base_channels, 4 * base_channels
         # timestep embedding: sinusoid (base) -> Linear (4 base) -> SiLU -> Linear (4 base)
-        self.temb = nn.Sequential(init_(nn.Linear(base_channels, temb_ch)), nn.SiLU(), init_(nn.Linear(temb_ch, temb_ch)))
+        self.temb = nn.Sequential(
+            init_(nn.Linear(base_channels, temb_ch)), nn.SiLU(), init_(nn.Linear(temb_ch, temb_ch))
+        )
         self.conv_in = init_(nn.Conv2d(in_channels, base_channels, 3, padding=1))
 
-        def stage(in_ch, out_ch, res):  # one step of a level: a block, then attention where the resolution has it
+        def stage(
+            in_ch, out_ch, res
+        ):  # one step of a level: a block, then attention where the resolution has it
             attn = AttnBlock(out_ch) if attention and res in attn_resolutions else nn.Identity()
             return nn.ModuleList([block(in_ch, out_ch, temb_ch, dropout), attn])
 
@@ -364,10 +419,13 @@ class ResAttUNet(nn.Module):
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)
         for level, stages in enumerate(self.up):
             for block, attn in stages:
-                h = attn(block(torch.cat([h, hs.pop()], dim=1), temb))  # (B, C + C_skip, ...) -> (B, C_level, ...)
+                h = attn(
+                    block(torch.cat([h, hs.pop()], dim=1), temb)
+                )  # (B, C + C_skip, ...) -> (B, C_level, ...)
             if level < len(self.upsample):
                 h = self.upsample[level](h)  # (B, C_level, 2 H_level, 2 W_level)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
 
 class ResUNet(ResAttUNet):
     """ResAttUNet without self-attention, at any resolution or in the middle: 34,164,227
@@ -375,6 +433,7 @@ class ResUNet(ResAttUNet):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs, attention=False)
+
 
 class ConvUNet(ResAttUNet):
     """ResUNet without the blocks' shortcuts: plain ConvBlocks, not zero-initialised (that would cut the
@@ -385,11 +444,14 @@ class ConvUNet(ResAttUNet):
     def __init__(self, **kwargs):
         super().__init__(**kwargs, attention=False, block=ConvBlock)
 
+
 MODELS = {"conv": ConvUNet, "res": ResUNet, "res_att": ResAttUNet}  # the names --model takes
+
 
 def count_parameters(model):
     """The number of trainable numbers in a model."""
     return sum(p.numel() for p in model.parameters())
+
 
 # =============================================================================
 # Part III. Training and sampling  [Alg. 1, Alg. 2; Sec. 4; App. B]
@@ -404,12 +466,18 @@ def get_batch(data, idx, flip):
         x_0 = torch.where(mirror, x_0.flip(3), x_0)
     return x_0
 
+
 def make_optimizer(net, lr=2e-4, warmup=5000):
     """Adam with default betas and no weight decay, and the official code's linear learning-rate
     warm-up: lr * min(n / warmup, 1) at step n [App. B]. Returns (optimizer, scheduler)."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=next(net.parameters()).is_cuda)  # fused: 1 kernel on a GPU
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, n / warmup) if warmup else 1.0)
+    optimizer = torch.optim.Adam(
+        net.parameters(), lr=lr, fused=next(net.parameters()).is_cuda
+    )  # fused: 1 kernel on a GPU
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda n: min(1.0, n / warmup) if warmup else 1.0
+    )
     return optimizer, scheduler
+
 
 def ema_update(ema, net, step, decay=0.9999):
     """The exponential moving average of the weights that samples are drawn from [App. B]:
@@ -419,6 +487,7 @@ def ema_update(ema, net, step, decay=0.9999):
     d = min(decay, (1 + step) / (10 + step))
     # torch's own EMA update: one fused lerp ema += (1 - d) (net - ema) over all parameters
     get_ema_multi_avg_fn(d)(list(ema.parameters()), list(net.parameters()), None)
+
 
 def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None):
     """One iteration of Algorithm 1 on the batch x_0, with the official code's gradient clipping. scaler: a
@@ -434,6 +503,7 @@ def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
 
+
 def train_loop(net, diffusion, data, steps, batch_size=128, lr=2e-4, warmup=5000, flip=True):
     """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps; returns the EMA
     copy of its weights, to sample from. The command line runs these steps with its operations around them."""
@@ -448,14 +518,18 @@ def train_loop(net, diffusion, data, steps, batch_size=128, lr=2e-4, warmup=5000
         ema_update(ema, net, step)
     return ema  # until converged: 800k steps for the paper's CIFAR-10 result
 
+
 # --- Sampling  [Alg. 2] --------------------------------------------------------------------------
 def check_eval(model):
     """Sampling with dropout on is a classic bug: refuse a module that is still in train()."""
     if getattr(model, "training", False):
         raise ValueError("call model.eval() before sampling: dropout is still active")
 
+
 @torch.inference_mode()
-def p_sample_loop(diffusion, model, shape, clip_denoised=True, variance="fixedlarge", x_T=None, generator=None):
+def p_sample_loop(
+    diffusion, model, shape, clip_denoised=True, variance="fixedlarge", x_T=None, generator=None
+):
     """Algorithm 2: draw x_T ~ N(0, I) and apply p_sample for t = T-1, ..., 0; returns x_0.
     `generator` makes the draws reproducible; the model must be in eval() mode."""
     check_eval(model)
@@ -471,6 +545,7 @@ def p_sample_loop(diffusion, model, shape, clip_denoised=True, variance="fixedla
     # Alg. 2, line 6: return x_0
     return x_t
 
+
 # #############################################################################
 #   The end of the method. Parts I-III above are a complete DDPM:
 #       net = ResAttUNet(); diffusion = GaussianDiffusion(linear_beta_schedule(1000))
@@ -478,6 +553,7 @@ def p_sample_loop(diffusion, model, shape, clip_denoised=True, variance="fixedla
 #       x_0 = p_sample_loop(diffusion, ema, (64, 3, 32, 32))
 #   Below: the extras (another schedule, two fast samplers), then the engineering.
 # #############################################################################
+
 
 # =============================================================================
 # Extras: another schedule and two fast samplers  [not in the paper]
@@ -492,17 +568,27 @@ def cosine_beta_schedule(timesteps, s=0.008):
     # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped to avoid a singular last step
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
 
-SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}  # the names --schedule takes
+
+SCHEDULES = {
+    "linear": linear_beta_schedule,
+    "cosine": cosine_beta_schedule,
+}  # the names --schedule takes
+
 
 def ddim_timesteps(num_timesteps, steps):
     """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps floor(i * (T-1) / (steps-1)),
     i = steps-1..0, strictly decreasing from T-1 (pure noise) to 0 (the last lands on x_0)."""
     if not 2 <= steps <= num_timesteps:
         raise ValueError(f"need 2 <= steps <= T = {num_timesteps}, got {steps}")
-    return [i * (num_timesteps - 1) // (steps - 1) for i in reversed(range(steps))]  # spacing >= 1: distinct
+    return [
+        i * (num_timesteps - 1) // (steps - 1) for i in reversed(range(steps))
+    ]  # spacing >= 1: distinct
+
 
 @torch.inference_mode()
-def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True, x_T=None, generator=None):
+def ddim_sample_loop(
+    diffusion, model, shape, steps, eta=0.0, clip_denoised=True, x_T=None, generator=None
+):
     """DDIM sampling [Song et al. 2021, Eq. 12] over the `steps` steps of ddim_timesteps. With
     a = alpha_bar_t and a' = alpha_bar of the next (smaller) step, each step is
         x_prev = sqrt(a') x_0_pred + sqrt(1 - a' - sigma^2) eps + sigma z,
@@ -518,7 +604,9 @@ def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
         a = diffusion.alphas_cumprod[t]  # alpha_bar_t
-        a_prev = one if last else diffusion.alphas_cumprod[timesteps[i + 1]]  # alpha_bar_{tau_{i-1}}
+        a_prev = (
+            one if last else diffusion.alphas_cumprod[timesteps[i + 1]]
+        )  # alpha_bar_{tau_{i-1}}
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)  # (B,)
         eps = model(x_t, t_batch)
         x_0_pred = diffusion.predict_x0_from_eps(x_t, t_batch, eps)  # "predicted x_0" in Eq. 12
@@ -531,6 +619,7 @@ def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True
         if eta > 0 and not last:
             x_t = x_t + sigma * torch.randn(shape, generator=generator, device=device)
     return x_t
+
 
 def dpm_solver_timesteps(alphas_cumprod, steps):
     """`steps` code steps from T-1 down to 0, evenly spaced in the log-SNR lambda_t = log(sqrt(alpha_bar_t
@@ -548,8 +637,11 @@ def dpm_solver_timesteps(alphas_cumprod, steps):
         ts[i] = min(ts[i], T - 1 if i == 0 else ts[i - 1] - 1)
     return ts
 
+
 @torch.inference_mode()
-def dpm_solver_sample_loop(diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None):
+def dpm_solver_sample_loop(
+    diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None
+):
     """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep solver of the
     probability-flow ODE in the log-SNR lambda, one network evaluation per step. With a = sqrt(alpha_bar),
     s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred predicted from eps [Eq. 15], each step is
@@ -578,15 +670,18 @@ def dpm_solver_sample_loop(diffusion, model, shape, steps, clip_denoised=True, x
         x = (s[nxt] / s[t]).item() * x - a[nxt].item() * math.expm1(-h) * D
         x_0_prev, h_prev = x_0_pred, h
 
+
 # =============================================================================
 # Engineering: progress lines, data, devices and compile, checkpoints, the commands, the CLI
 # =============================================================================
 class UserError(Exception):
     """A mistake in the command line or its files: main() prints it on one line and exits 2."""
 
+
 def first_line(e):
     """An exception's message cut to its first line (its type's name when it has none)."""
     return (str(e).splitlines() or [type(e).__name__])[0]
+
 
 # --- Progress lines: no phase that takes more than a few seconds is silent ---------------------
 class Progress:
@@ -594,7 +689,12 @@ class Progress:
     terminal, is a plain line every 5 seconds elsewhere, and a shorter phase prints nothing."""
 
     def __init__(self, what, total, images_per_tick=1.0, where=None):
-        self.what, self.total, self.per, self.where = what, total, images_per_tick, where or (lambda k: f"{k}/{total}")
+        self.what, self.total, self.per, self.where = (
+            what,
+            total,
+            images_per_tick,
+            where or (lambda k: f"{k}/{total}"),
+        )
         self.done, self.printed, self.tty = 0, False, sys.stdout.isatty()
         self.start = self.shown = time.time()
 
@@ -605,17 +705,30 @@ class Progress:
             return
         speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
         left = now - self.start if finished else (self.total - self.done) * self.per / speed
-        line = (f"{self.what}: {self.where(self.done)} | {speed:,.1f} images/s | {'took' if finished else 'ETA'} "
-                + (f"{left:.0f} s" if left < 90 else f"{left / 60:.1f} min"))
-        print(f"\r{line}\x1b[K" if self.tty else line, end="\n" if finished or not self.tty else "", flush=True)
+        line = (
+            f"{self.what}: {self.where(self.done)} | {speed:,.1f} images/s | {'took' if finished else 'ETA'} "
+            + (f"{left:.0f} s" if left < 90 else f"{left / 60:.1f} min")
+        )
+        print(
+            f"\r{line}\x1b[K" if self.tty else line,
+            end="\n" if finished or not self.tty else "",
+            flush=True,
+        )
         self.shown, self.printed = now, True
+
 
 class Watched:
     """The network as a sampler calls it: each call ticks `progress`, and the inputs x_t of the
     calls numbered in `keep` (a list) are kept, for the reverse-process picture."""
 
     def __init__(self, model, progress, keep=()):
-        self.model, self.progress, self.keep, self.kept, self.calls = model, progress, list(keep), [], 0
+        self.model, self.progress, self.keep, self.kept, self.calls = (
+            model,
+            progress,
+            list(keep),
+            [],
+            0,
+        )
         self.training = model.training  # what check_eval reads
 
     def __call__(self, x_t, t):
@@ -624,12 +737,15 @@ class Watched:
         self.progress.tick()
         return self.model(x_t, t)
 
+
 # --- Data: the whole training set decoded once into one uint8 tensor on the device  [Sec. 4] ---
 TORCHVISION_DATASETS = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
 
 def evenly_spaced(n, k=None):
     """k indices spread evenly over range(n); all of them when k is None or at least n."""
     return torch.linspace(0, n - 1, min(k or n, n)).round().long()
+
 
 def load_dataset(name, data_dir, image_size, max_images=None):
     """The training set as one uint8 tensor (N, C, H, W), H = W = image_size. cifar10, mnist and
@@ -638,10 +754,14 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
     try:
-        ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])(data_dir, train=True, download=True)
+        ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])(
+            data_dir, train=True, download=True
+        )
     except Exception as e:  # no internet, a proxy, a full disk: all end the same way
-        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without internet, put "
-                        f"torchvision's {name} files there, or train on any images with --dataset folder --data-dir DIR")
+        raise UserError(
+            f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without internet, put "
+            f"torchvision's {name} files there, or train on any images with --dataset folder --data-dir DIR"
+        )
     x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     x = x[evenly_spaced(len(x), max_images)]
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else F.pad(x[:, None], (2, 2, 2, 2))  # (N, C, 32, 32)
@@ -649,16 +769,20 @@ def load_dataset(name, data_dir, image_size, max_images=None):
         x = TF.resize(x, [image_size, image_size], antialias=True)  # (N, C, H, W)
     return x.contiguous()
 
+
 def load_image_folder(root, image_size, max_images=None):
     """Every .png/.jpg under root, resized and centre-cropped, as (N, C, H, W); grey or RGB as
     the first image is. Threads decode them: decoding releases the GIL."""
     if not root.is_dir():
-        raise UserError(f"--data-dir {root} is not a folder (with --dataset folder it must hold images)")
+        raise UserError(
+            f"--data-dir {root} is not a folder (with --dataset folder it must hold images)"
+        )
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise UserError(f"--data-dir {root} holds no .png/.jpg/.jpeg images")
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
     from PIL import Image  # Pillow: installed with torchvision
+
     def read(path, mode=None):
         try:
             with Image.open(path) as im:
@@ -666,7 +790,9 @@ def load_image_folder(root, image_size, max_images=None):
                 x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3) uint8
         except OSError as e:
             raise UserError(f"cannot decode image {path}: {e}")
-        x = TF.resize(x.reshape(*x.shape[:2], -1).permute(2, 0, 1), image_size, antialias=True)  # (C, h', w')
+        x = TF.resize(
+            x.reshape(*x.shape[:2], -1).permute(2, 0, 1), image_size, antialias=True
+        )  # (C, h', w')
         return TF.center_crop(x, image_size)  # (C, image_size, image_size)
 
     mode = "L" if read(files[0]).shape[0] == 1 else "RGB"  # the first image decides the channels
@@ -677,22 +803,37 @@ def load_image_folder(root, image_size, max_images=None):
             progress.tick()
     return torch.stack(images)  # (N, C, H, W)
 
+
 # --- The network on its device, and torch.compile ---------------------------------------------
 def build_model(cfg):
     """The network a run's configuration describes (the parsed flags, or a checkpoint's config)."""
     try:
         return MODELS[cfg["model"]](
-            in_channels=cfg["channels"], base_channels=cfg["base_channels"], channel_mult=tuple(cfg["channel_mult"]),
-            num_res_blocks=cfg["num_res_blocks"], attn_resolutions=tuple(cfg["attn_resolutions"]),
-            dropout=cfg["dropout"], image_size=cfg["image_size"])
+            in_channels=cfg["channels"],
+            base_channels=cfg["base_channels"],
+            channel_mult=tuple(cfg["channel_mult"]),
+            num_res_blocks=cfg["num_res_blocks"],
+            attn_resolutions=tuple(cfg["attn_resolutions"]),
+            dropout=cfg["dropout"],
+            image_size=cfg["image_size"],
+        )
     except ValueError as e:
-        raise UserError(f"{e} (flags --image-size, --base-channels, --channel-mult, --num-res-blocks)")
+        raise UserError(
+            f"{e} (flags --image-size, --base-channels, --channel-mult, --num-res-blocks)"
+        )
+
 
 def setup_device(args):
     """Resolve --device and --amp into a torch.device and an autocast dtype (None: float32)."""
     name = args.device
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = (
+            "cuda"
+            if torch.cuda.is_available()
+            else "mps"
+            if torch.backends.mps.is_available()
+            else "cpu"
+        )
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -700,7 +841,9 @@ def setup_device(args):
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per torchrun process
         torch.cuda.set_device(name)
-        torch.backends.cudnn.benchmark = True  # shapes never change: let cuDNN pick the fastest convs
+        torch.backends.cudnn.benchmark = (
+            True  # shapes never change: let cuDNN pick the fastest convs
+        )
         torch.set_float32_matmul_precision("high")  # float32 matmuls may use TF32 tensor cores
     device = torch.device(name)
     # NOTE(paper): bf16 autocast on CUDA by default (float32 master weights); --amp none for float32
@@ -709,19 +852,27 @@ def setup_device(args):
         raise UserError("--amp fp16 needs --device cuda; use --amp bf16 or --amp none")
     return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
+
 def prepare_network(net, device):
     """A built network on its device; on CUDA in channels_last (NHWC), the layout tensor cores want."""
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
+
 def maybe_compile(module, args, cuda_graphs=False):
     """torch.compile with the mode of --compile (the module itself when off). "auto" adds CUDA graphs where
     cuda_graphs allows: a training step is a thousand short kernels, and a replayed graph saves their launches."""
-    mode = ("reduce-overhead" if cuda_graphs else "default") if args.compile == "auto" else args.compile
+    mode = (
+        ("reduce-overhead" if cuda_graphs else "default")
+        if args.compile == "auto"
+        else args.compile
+    )
     return torch.compile(module, mode=mode) if args.compile else module
+
 
 # --- Checkpoints, samplers and pictures -------------------------------------------------------
 CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested, every rank's random state
+
 
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
@@ -730,9 +881,12 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
     except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer raises RuntimeError)
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({first_line(e)}); the checkpoint already there, if any, is "
-                        "intact: free some disk space, then continue with --resume")
+        raise UserError(
+            f"cannot write {path} ({first_line(e)}); the checkpoint already there, if any, is "
+            "intact: free some disk space, then continue with --resume"
+        )
     os.replace(tmp, path)  # atomic on POSIX and Windows
+
 
 def load_checkpoint(path):
     """Load a checkpoint with weights_only=True: tensors and plain values only, never code."""
@@ -742,13 +896,18 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py ({first_line(e)})")
+        raise UserError(
+            f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py ({first_line(e)})"
+        )
     if isinstance(ckpt, dict) and ckpt.get("format") == "ddpm.py checkpoint 1":
-        raise UserError(f"{path} was written by ddpm.py before 2026-12-01, whose layers had other names; "
-                        "sample or resume it with that version (git checkout 1a28302 -- ddpm.py)")
+        raise UserError(
+            f"{path} was written by ddpm.py before 2026-12-01, whose layers had other names; "
+            "sample or resume it with that version (git checkout 1a28302 -- ddpm.py)"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint")
     return ckpt
+
 
 def prepare_out_dir(path):
     """Create the output folder and make sure we can write to it, before any work is done."""
@@ -759,15 +918,21 @@ def prepare_out_dir(path):
     except OSError as e:
         raise UserError(f"--out-dir {path} is not writable ({e.strerror or e})")
 
+
 def save_grid(x, path, nrow):
     """Save images in [-1, 1] as one PNG grid with nrow images per row."""
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
 
 def sampler_plan(args, num_timesteps, device):
     """--sampler's sampler and its number of network evaluations; auto: Algorithm 2 on a GPU,
     DPM-Solver++ elsewhere, where 1000 evaluations per image take too long."""
     name = args.sampler if args.sampler != "auto" else "ddpm" if device.type == "cuda" else "dpm++"
-    return name, num_timesteps if name == "ddpm" else args.sample_steps or {"ddim": 100, "dpm++": 20}[name]
+    return name, num_timesteps if name == "ddpm" else args.sample_steps or {
+        "ddim": 100,
+        "dpm++": 20,
+    }[name]
+
 
 def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
     """A Progress over every network evaluation of `batches` sampler runs of `batch` images."""
@@ -775,32 +940,45 @@ def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
     where = lambda k: f"batch {(k - 1) // K + 1}/{batches}, step {(k - 1) % K + 1}/{K}"  # noqa: E731
     return Progress(f"{what} ({name}, {K} steps)", batches * K, batch / K, where)
 
+
 def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, keep=()):
     """Sample from x_T with --sampler, the network under autocast(dtype); progress ticks once per
     network evaluation; keep (evaluation numbers): also return the x_t they saw, (K, B, C, H, W)."""
     name, steps = sampler_plan(args, diffusion.num_timesteps, x_T.device)
-    progress = progress or sampling_progress("sampling", args, diffusion.num_timesteps, x_T.device, len(x_T))
+    progress = progress or sampling_progress(
+        "sampling", args, diffusion.num_timesteps, x_T.device, len(x_T)
+    )
     net = Watched(model, progress, keep)
     with torch.autocast(x_T.device.type, dtype=dtype, enabled=dtype is not None):
         if name == "ddpm":
-            x_0 = p_sample_loop(diffusion, net, x_T.shape, variance=args.variance, x_T=x_T, generator=generator)
+            x_0 = p_sample_loop(
+                diffusion, net, x_T.shape, variance=args.variance, x_T=x_T, generator=generator
+            )
         elif name == "ddim":
-            x_0 = ddim_sample_loop(diffusion, net, x_T.shape, steps, args.eta, x_T=x_T, generator=generator)
+            x_0 = ddim_sample_loop(
+                diffusion, net, x_T.shape, steps, args.eta, x_T=x_T, generator=generator
+            )
         else:
             x_0 = dpm_solver_sample_loop(diffusion, net, x_T.shape, steps, x_T=x_T)
     return (x_0, torch.stack(net.kept)) if keep else x_0
+
 
 def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
     """The sample grid from a fixed x_T, and the progressive-generation picture: a row for each of
     the first 8 images, x_t at 9 evenly spaced sampler steps from pure noise, then x_0."""
     K = sampler_plan(args, diffusion.num_timesteps, x_T.device)[1]
-    progress = sampling_progress("final pictures", args, diffusion.num_timesteps, x_T.device, len(x_T))
+    progress = sampling_progress(
+        "final pictures", args, diffusion.num_timesteps, x_T.device, len(x_T)
+    )
     generator = torch.Generator(x_T.device).manual_seed(args.seed)  # the same z every time
-    x_0, xs = run_sampler(diffusion, model, x_T, args, dtype, generator, progress, [i * K // 9 for i in range(9)])
+    x_0, xs = run_sampler(
+        diffusion, model, x_T, args, dtype, generator, progress, [i * K // 9 for i in range(9)]
+    )
     save_grid(x_0, out_dir / "samples.png", nrow=8)
     rows = torch.cat([xs[:, :8], x_0[None, :8]]).transpose(0, 1)  # (8, 10, C, H, W)
     save_grid(rows.flatten(0, 1), out_dir / "reverse_process.png", nrow=rows.shape[1])
     return out_dir / "samples.png"
+
 
 # --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
 def build_training(args, channels, device, world=1):
@@ -813,12 +991,33 @@ def build_training(args, channels, device, world=1):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     model = net
     if world > 1:  # gradients averaged over the ranks during backward
-        model = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    model = maybe_compile(model, args, cuda_graphs=device.type == "cuda" and world == 1)  # DDP's hooks rule them out
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    model = maybe_compile(
+        model, args, cuda_graphs=device.type == "cuda" and world == 1
+    )  # DDP's hooks rule them out
     return net, model, ema, diffusion, optimizer, scheduler, scaler
 
-RESUME_MAY_CHANGE = {"epochs", "max_steps", "data_dir", "device", "amp", "compile", "ckpt_every", "ckpt_minutes",
-                     "sample_every", "log_every", "wandb", "sampler", "sample_steps", "eta", "variance"}  # others: as saved
+
+RESUME_MAY_CHANGE = {
+    "epochs",
+    "max_steps",
+    "data_dir",
+    "device",
+    "amp",
+    "compile",
+    "ckpt_every",
+    "ckpt_minutes",
+    "sample_every",
+    "log_every",
+    "wandb",
+    "sampler",
+    "sample_steps",
+    "eta",
+    "variance",
+}  # others: as saved
+
 
 def resume_config(args, ckpt):
     """Take the flags not typed from the checkpoint; refuse a typed one that contradicts it and may not change."""
@@ -828,23 +1027,35 @@ def resume_config(args, ckpt):
         if key not in args.explicit:
             setattr(args, key, saved)
         elif key not in RESUME_MAY_CHANGE and getattr(args, key) != saved:
-            raise UserError(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint's "
-                            f"{saved}; drop the flag, or start a new run in another --out-dir")
+            raise UserError(
+                f"--resume: --{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint's "
+                f"{saved}; drop the flag, or start a new run in another --out-dir"
+            )
+
 
 def train(args):
     """Train eps_theta with Algorithm 1, writing ckpt.pt, log.csv and pictures to --out-dir; returns the network.
     Under torchrun every process (rank) runs it: rank 0 writes the files; all ranks stop and save together."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))  # torchrun's
+    world, rank = (
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("RANK", "0")),
+    )  # torchrun's
     device, dtype = setup_device(args)  # --device, --amp
     out_dir = Path(args.out_dir or f"runs/{args.model}")
     ckpt_path = out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # resumed: the configuration comes from it
+    ckpt = (
+        load_checkpoint(ckpt_path) if args.resume else None
+    )  # resumed: the configuration comes from it
     if ckpt:
         resume_config(args, ckpt)
     elif ckpt_path.exists():
-        raise UserError(f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir")
+        raise UserError(
+            f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir"
+        )
     if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        raise UserError(
+            f"--batch-size {args.batch_size} must be divisible by the {world} processes"
+        )
     if args.sample_steps and not 2 <= args.sample_steps <= args.timesteps:
         raise UserError(f"--sample-steps must be between 2 and --timesteps {args.timesteps}")
     if args.wandb and rank == 0:
@@ -860,7 +1071,9 @@ def train(args):
     control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    data = load_dataset(args.dataset, args.data_dir, args.image_size).to(device)  # (N, C, H, W) uint8
+    data = load_dataset(args.dataset, args.data_dir, args.image_size).to(
+        device
+    )  # (N, C, H, W) uint8
     N, C, H, W = data.shape
     B, b = args.batch_size, args.batch_size // world  # the global batch, this rank's share
     steps_per_epoch = N // B  # NOTE(paper): full batches only, so every step has one shape
@@ -868,14 +1081,27 @@ def train(args):
         raise UserError(f"--batch-size {B} is larger than the dataset ({N} images)")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
-    net, model, ema, diffusion, optimizer, scheduler, scaler = build_training(args, C, device, world)
-    config = {**{k: v for k, v in vars(args).items() if k not in ("explicit", "command")}, "channels": C, "out_dir": str(out_dir)}
+    net, model, ema, diffusion, optimizer, scheduler, scaler = build_training(
+        args, C, device, world
+    )
+    config = {
+        **{k: v for k, v in vars(args).items() if k not in ("explicit", "command")},
+        "channels": C,
+        "out_dir": str(out_dir),
+    }
     step, elapsed_before = 0, 0.0
     torch.manual_seed(args.seed + rank)  # a different t, eps, flip and dropout stream per rank
     if ckpt:
-        for key, part in (("model", net), ("ema", ema), ("optimizer", optimizer), ("scheduler", scheduler)):
+        for key, part in (
+            ("model", net),
+            ("ema", ema),
+            ("optimizer", optimizer),
+            ("scheduler", scheduler),
+        ):
             part.load_state_dict(ckpt[key])
-        if ckpt["scaler"]:  # empty when saved without --amp fp16: then fp16 starts from a fresh scale
+        if ckpt[
+            "scaler"
+        ]:  # empty when saved without --amp fp16: then fp16 starts from a fresh scale
             scaler.load_state_dict(ckpt["scaler"])
         step, elapsed_before, rng = ckpt["step"], ckpt["elapsed"], ckpt["rng"]
         if len(rng["torch"]) == world:  # each rank continues its own random streams exactly
@@ -885,27 +1111,39 @@ def train(args):
         else:
             torch.manual_seed(args.seed + rank + world * step)
             if rank == 0:
-                print(f"note: saved by {len(rng['torch'])} processes, resumed by {world}: new random streams")
+                print(
+                    f"note: saved by {len(rng['torch'])} processes, resumed by {world}: new random streams"
+                )
     # a fixed x_T for every grid, so that grids are comparable; eager: 64 images are not worth a compile
-    grid_x_T = torch.randn((64, C, H, W), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    grid_x_T = torch.randn((64, C, H, W), generator=torch.Generator().manual_seed(args.seed)).to(
+        device
+    )
     if rank == 0:
         rows = [["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]]
-        if ckpt and (out_dir / "log.csv").exists():  # the rows after the checkpoint's step are done again
+        if (
+            ckpt and (out_dir / "log.csv").exists()
+        ):  # the rows after the checkpoint's step are done again
             with open(out_dir / "log.csv", newline="") as f:
                 rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
         log_file = open(out_dir / "log.csv", "w", newline="")
         csv.writer(log_file).writerows(rows)
         if args.wandb:
             wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
-        print(f"training {args.model} ({count_parameters(net):,} parameters) on {args.dataset} "
-              f"{N}x{C}x{H}x{W}, {device}, amp {dtype}, compile {args.compile}; step {step}/{total_steps}")
+        print(
+            f"training {args.model} ({count_parameters(net):,} parameters) on {args.dataset} "
+            f"{N}x{C}x{H}x{W}, {device}, amp {dtype}, compile {args.compile}; step {step}/{total_steps}"
+        )
         if args.warmup > total_steps / 2:
-            print(f"note: the learning-rate warm-up (--warmup {args.warmup}) is more than half of this run's {total_steps} "
-                  f"steps, so lr {'never reaches' if args.warmup > total_steps else 'is late to reach'} --lr {args.lr:g}; "
-                  f"a short run trains better with a shorter one, e.g. --warmup {max(1, total_steps // 10)}")
+            print(
+                f"note: the learning-rate warm-up (--warmup {args.warmup}) is more than half of this run's {total_steps} "
+                f"steps, so lr {'never reaches' if args.warmup > total_steps else 'is late to reach'} --lr {args.lr:g}; "
+                f"a short run trains better with a shorter one, e.g. --warmup {max(1, total_steps // 10)}"
+            )
 
     loss_sum = torch.zeros((), device=device)  # summed between log rows, read only there
-    bad_step = torch.full((), -1, device=device, dtype=torch.long)  # the first step with a non-finite loss or gradient
+    bad_step = torch.full(
+        (), -1, device=device, dtype=torch.long
+    )  # the first step with a non-finite loss or gradient
     saved_step, saved_at, perm_epoch, t_start = step, time.time(), None, time.time()
     last = {"step": step, "time": t_start, "speed": (step, t_start)}
 
@@ -922,20 +1160,36 @@ def train(args):
         nonlocal saved_step, saved_at
         bad = agree(int(bad_step))[0]  # reads the GPU, as only log rows do besides
         if bad >= 0:
-            raise UserError(f"the loss or its gradient became NaN or infinite at step {bad}; stopped without saving, "
-                            f"so {ckpt_path} still holds step {saved_step} (try --amp none or a lower --lr)")
-        states = [torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None]
+            raise UserError(
+                f"the loss or its gradient became NaN or infinite at step {bad}; stopped without saving, "
+                f"so {ckpt_path} still holds step {saved_step} (try --amp none or a lower --lr)"
+            )
+        states = [
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        ]
         ranks = [states] * world
         if world > 1:  # every rank's random states, so that a resumed run is the uninterrupted one
             dist.all_gather_object(ranks, states, group=control)
         error = ""  # rank 0's message, as a string: an exception kept here would keep this frame (and DDP) alive
         try:
             if rank == 0:
-                save_checkpoint(ckpt_path, {
-                    "format": CKPT_FORMAT, "config": config, "step": step, "epoch": step // steps_per_epoch,
-                    "elapsed": elapsed_before + time.time() - t_start, "model": net.state_dict(),
-                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]}})
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "format": CKPT_FORMAT,
+                        "config": config,
+                        "step": step,
+                        "epoch": step // steps_per_epoch,
+                        "elapsed": elapsed_before + time.time() - t_start,
+                        "model": net.state_dict(),
+                        "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]},
+                    },
+                )
         except UserError as e:  # a full disk: every rank stops, rank 0 says why
             error = str(e)
         if agree(bool(error))[0]:
@@ -948,29 +1202,63 @@ def train(args):
         loss = loss_sum.item() / max(step - last["step"], 1)
         loss_sum.zero_()
         speed = (step - last["speed"][0]) * B / max(now - last["speed"][1], 1e-9)  # images/s
-        row = [step, step // steps_per_epoch, f"{loss:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
-               f"{float(grad_norm):.4f}", f"{speed:.1f}", f"{elapsed_before + now - t_start:.1f}"]
+        row = [
+            step,
+            step // steps_per_epoch,
+            f"{loss:.6f}",
+            f"{scheduler.get_last_lr()[0]:.3e}",
+            f"{float(grad_norm):.4f}",
+            f"{speed:.1f}",
+            f"{elapsed_before + now - t_start:.1f}",
+        ]
         last.update(step=step, time=now, speed=(step, now))
         csv.writer(log_file).writerow(row)
         log_file.flush()
         if args.wandb:
-            wandb.log({"loss": loss, "lr": float(row[3]), "grad_norm": float(row[4]), "images_per_s": speed}, step=step)
-        print(f"step {step}/{total_steps} | epoch {row[1]} | loss {loss:.4f} | {speed:,.0f} img/s | lr {row[3]} | "
-              f"ETA {(total_steps - step) * B / max(speed, 1e-9) / 60:.1f} min", flush=True)
+            wandb.log(
+                {
+                    "loss": loss,
+                    "lr": float(row[3]),
+                    "grad_norm": float(row[4]),
+                    "images_per_s": speed,
+                },
+                step=step,
+            )
+        print(
+            f"step {step}/{total_steps} | epoch {row[1]} | loss {loss:.4f} | {speed:,.0f} img/s | lr {row[3]} | "
+            f"ETA {(total_steps - step) * B / max(speed, 1e-9) / 60:.1f} min",
+            flush=True,
+        )
 
     # Ctrl-C and SIGTERM only raise a flag; the loop stops between two steps, and saves
     stop_requested, previous_handlers = [], {}
-    for sig in (signal.SIGINT, signal.SIGTERM):  # (not where a background job ignores Ctrl-C, nor off the main thread)
-        if signal.getsignal(sig) is not signal.SIG_IGN and threading.current_thread() is threading.main_thread():
-            previous_handlers[sig] = signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
+    for sig in (
+        signal.SIGINT,
+        signal.SIGTERM,
+    ):  # (not where a background job ignores Ctrl-C, nor off the main thread)
+        if (
+            signal.getsignal(sig) is not signal.SIG_IGN
+            and threading.current_thread() is threading.main_thread()
+        ):
+            previous_handlers[sig] = signal.signal(
+                sig, lambda signum, frame: stop_requested.append(signum)
+            )
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
-            if perm_epoch != epoch:  # this epoch's order: a function of (seed, epoch), the same on all ranks
-                perm = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + epoch)).to(device)
+            if (
+                perm_epoch != epoch
+            ):  # this epoch's order: a function of (seed, epoch), the same on all ranks
+                perm = torch.randperm(
+                    N, generator=torch.Generator().manual_seed(args.seed + epoch)
+                ).to(device)
                 perm_epoch = epoch
-            x_0 = get_batch(data, perm[i * B + rank * b: i * B + (rank + 1) * b], flip)  # Alg. 1, line 2
-            loss, grad_norm = train_step(model, diffusion, optimizer, scaler, x_0, args.grad_clip, dtype)
+            x_0 = get_batch(
+                data, perm[i * B + rank * b : i * B + (rank + 1) * b], flip
+            )  # Alg. 1, line 2
+            loss, grad_norm = train_step(
+                model, diffusion, optimizer, scaler, x_0, args.grad_clip, dtype
+            )
             scheduler.step()
             ema_update(ema, net, step, args.ema_decay)
             step += 1
@@ -978,10 +1266,18 @@ def train(args):
             # an infinite gradient is a bad step too, except with fp16, whose scaler skips that update
             finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
             bad_step = torch.where(finite | (bad_step >= 0), bad_step, step)
-            log_row = step % args.log_every == 0 or step == total_steps  # also where the GPU's bad_step is read
+            log_row = (
+                step % args.log_every == 0 or step == total_steps
+            )  # also where the GPU's bad_step is read
             stop = due = bad = False
-            if world == 1 or log_row or step % 10 == 0:  # the ranks agree every 10 steps (0.7 ms each on 2 CPU cores)
-                due = rank == 0 and args.ckpt_minutes and time.time() - saved_at >= 60 * args.ckpt_minutes  # rank 0's clock
+            if (
+                world == 1 or log_row or step % 10 == 0
+            ):  # the ranks agree every 10 steps (0.7 ms each on 2 CPU cores)
+                due = (
+                    rank == 0
+                    and args.ckpt_minutes
+                    and time.time() - saved_at >= 60 * args.ckpt_minutes
+                )  # rank 0's clock
                 stop, due, bad = agree(bool(stop_requested), due, log_row and int(bad_step) >= 0)
             if stop:
                 raise KeyboardInterrupt
@@ -990,19 +1286,40 @@ def train(args):
             if rank == 0 and (log_row or time.time() - last["time"] >= 10):
                 write_log(grad_norm)
             epochs_done, into_epoch = divmod(step, steps_per_epoch)
-            if not into_epoch and args.sample_every and epochs_done % args.sample_every == 0 and rank == 0:
+            if (
+                not into_epoch
+                and args.sample_every
+                and epochs_done % args.sample_every == 0
+                and rank == 0
+            ):
                 (out_dir / "grids").mkdir(exist_ok=True)
                 path = out_dir / "grids" / f"epoch_{epochs_done:04d}.png"
-                progress = sampling_progress(f"grid for epoch {epochs_done}", args, args.timesteps, device, len(grid_x_T))
-                save_grid(run_sampler(diffusion, ema, grid_x_T, args, dtype, torch.Generator(device).manual_seed(args.seed),
-                                      progress), path, nrow=8)
+                progress = sampling_progress(
+                    f"grid for epoch {epochs_done}", args, args.timesteps, device, len(grid_x_T)
+                )
+                save_grid(
+                    run_sampler(
+                        diffusion,
+                        ema,
+                        grid_x_T,
+                        args,
+                        dtype,
+                        torch.Generator(device).manual_seed(args.seed),
+                        progress,
+                    ),
+                    path,
+                    nrow=8,
+                )
                 if args.wandb:
                     wandb.log({"samples": wandb.Image(str(path))}, step=step)
                 last["speed"] = (step, time.time())  # keep sampling out of images/s
     except KeyboardInterrupt:
         checkpoint()
         if rank == 0:
-            print(f"\nstopped at step {step}: saved {ckpt_path}; continue with --resume --out-dir {out_dir}", file=sys.stderr)
+            print(
+                f"\nstopped at step {step}: saved {ckpt_path}; continue with --resume --out-dir {out_dir}",
+                file=sys.stderr,
+            )
         raise
     finally:
         for sig, handler in previous_handlers.items():
@@ -1013,12 +1330,15 @@ def train(args):
             dist.destroy_process_group()
     if rank == 0:  # the final pictures, from the EMA weights and the fixed x_T
         path = save_samples_and_trajectory(diffusion, ema, grid_x_T, args, dtype, out_dir)
-        print(f"done: {step} steps in {(elapsed_before + time.time() - t_start) / 60:.1f} min; {ckpt_path}, {path}, "
-              f"{out_dir / 'reverse_process.png'}")
+        print(
+            f"done: {step} steps in {(elapsed_before + time.time() - t_start) / 60:.1f} min; {ckpt_path}, {path}, "
+            f"{out_dir / 'reverse_process.png'}"
+        )
         if args.wandb:
             wandb.log({"samples": wandb.Image(str(path))}, step=step)
             wandb.finish()
     return net
+
 
 # --- sample, forward, bench, compare: the other commands -------------------------------------
 def sample(args):
@@ -1032,26 +1352,50 @@ def sample(args):
     try:
         model.load_state_dict(ckpt[args.weights])
     except (KeyError, RuntimeError) as e:
-        raise UserError(f"{args.ckpt} does not hold {args.weights} weights for its configuration ({first_line(e)})")
+        raise UserError(
+            f"{args.ckpt} does not hold {args.weights} weights for its configuration ({first_line(e)})"
+        )
     model = prepare_network(model, device).eval()
     diffusion = GaussianDiffusion(SCHEDULES[cfg["schedule"]](cfg["timesteps"])).to(device)
     out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     prepare_out_dir(out_dir)
-    if args.format == "png":  # images of an earlier, larger run would stay beside these, and FID would read both
+    if (
+        args.format == "png"
+    ):  # images of an earlier, larger run would stay beside these, and FID would read both
         ours = {f"{k:06d}.png" for k in range(args.num_samples)}
         stale = [p for p in (out_dir / "images").glob("*.png") if p.name not in ours]
         if stale:
-            raise UserError(f"{out_dir / 'images'} holds {len(stale)} PNG file(s) that this run would not replace, "
-                            f"e.g. {stale[0].name} (FID would read them too); choose another --out-dir")
-    C, S, n, B = cfg["channels"], cfg["image_size"], args.num_samples, min(args.batch_size, args.num_samples)
-    noise_gen = torch.Generator().manual_seed(args.seed)  # x_T, drawn on the CPU: device-independent
+            raise UserError(
+                f"{out_dir / 'images'} holds {len(stale)} PNG file(s) that this run would not replace, "
+                f"e.g. {stale[0].name} (FID would read them too); choose another --out-dir"
+            )
+    C, S, n, B = (
+        cfg["channels"],
+        cfg["image_size"],
+        args.num_samples,
+        min(args.batch_size, args.num_samples),
+    )
+    noise_gen = torch.Generator().manual_seed(
+        args.seed
+    )  # x_T, drawn on the CPU: device-independent
     z_gen = torch.Generator(device).manual_seed(args.seed)  # the z of each step
-    progress = sampling_progress(f"sampling {n} images", args, cfg["timesteps"], device, B, math.ceil(n / B))
+    progress = sampling_progress(
+        f"sampling {n} images", args, cfg["timesteps"], device, B, math.ceil(n / B)
+    )
     sampler_model, images = maybe_compile(model, args), []
     for _ in range(0, n, B):  # whole batches only (one compiled shape); extras are dropped
-        x_0 = run_sampler(diffusion, sampler_model, torch.randn((B, C, S, S), generator=noise_gen).to(device),
-                          args, dtype, z_gen, progress)
-        images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())  # [-1, 1] -> {0..255}
+        x_0 = run_sampler(
+            diffusion,
+            sampler_model,
+            torch.randn((B, C, S, S), generator=noise_gen).to(device),
+            args,
+            dtype,
+            z_gen,
+            progress,
+        )
+        images.append(
+            ((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+        )  # [-1, 1] -> {0..255}
     images = torch.cat(images)[:n]  # (N, C, H, W) uint8
     save_grid(images[:64].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
@@ -1065,21 +1409,43 @@ def sample(args):
         np.savez(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy())
         print(f"wrote {out_dir / 'samples.npz'} ({n}, {S}, {S}, {C}) and {out_dir / 'grid.png'}")
 
+
 def forward(args):
     """The forward-process picture [Eq. 4]: a row per image, x_0 then q_sample at t = T/10, ..., T,
     with one eps per row so that each row shows one noise growing."""
-    x_0 = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images).float() / 127.5 - 1
+    x_0 = (
+        load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images).float() / 127.5
+        - 1
+    )
     diffusion = GaussianDiffusion(SCHEDULES[args.schedule](args.timesteps))
     T, n = diffusion.num_timesteps, x_0.shape[0]
     steps = [max(0, T * k // 10 - 1) for k in range(1, 11)]  # code t of paper t = T/10, ..., T
-    noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(args.seed))  # (n, C, H, W)
+    noise = torch.randn(
+        x_0.shape, generator=torch.Generator().manual_seed(args.seed)
+    )  # (n, C, H, W)
     cols = [x_0] + [diffusion.q_sample(x_0, torch.full((n,), t), noise) for t in steps]
     prepare_out_dir(out_dir := Path(args.out_dir))
-    save_grid(torch.stack(cols, dim=1).flatten(0, 1), out_dir / "forward_process.png", nrow=len(cols))
-    print(f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = " + ", ".join(str(t + 1) for t in steps))
+    save_grid(
+        torch.stack(cols, dim=1).flatten(0, 1), out_dir / "forward_process.png", nrow=len(cols)
+    )
+    print(
+        f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = "
+        + ", ".join(str(t + 1) for t in steps)
+    )
 
-BENCH_CPU = {"image_size": 16, "base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8],
-             "batch_size": 32, "sample_batch_size": 32, "steps": 20, "warmup_steps": 3}  # the quick start's network
+
+BENCH_CPU = {
+    "image_size": 16,
+    "base_channels": 32,
+    "channel_mult": [1, 2],
+    "num_res_blocks": 1,
+    "attn_resolutions": [8],
+    "batch_size": 32,
+    "sample_batch_size": 32,
+    "steps": 20,
+    "warmup_steps": 3,
+}  # the quick start's network
+
 
 def bench(args):
     """Time --steps training steps (all of Alg. 1) and sampler network evaluations on random data, after
@@ -1087,8 +1453,13 @@ def bench(args):
     device, dtype = setup_device(args)
     if device.type == "cpu":  # the GPU defaults (the paper's network at batch 128) take hours here
         vars(args).update(cpu := {k: v for k, v in BENCH_CPU.items() if k not in args.explicit})
-        print("bench on a CPU, with its CPU defaults for the flags not typed: " + " ".join(
-            f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in cpu.items()))
+        print(
+            "bench on a CPU, with its CPU defaults for the flags not typed: "
+            + " ".join(
+                f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in cpu.items()
+            )
+        )
     torch.manual_seed(args.seed)
     C, S, B = 3, args.image_size, args.batch_size
     net, model, ema, diffusion, optimizer, scheduler, scaler = build_training(args, C, device)
@@ -1096,22 +1467,41 @@ def bench(args):
     x_t = torch.randn(args.sample_batch_size, C, S, S, device=device)
     t = torch.randint(0, args.timesteps, (args.sample_batch_size,), device=device)
     sampler_model = maybe_compile(ema, args)  # as in sample
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"bench: {args.model}, {count_parameters(net):,} parameters, {S}x{S}, amp {dtype}, compile {args.compile}, "
-          f"{where}, torch {torch.__version__}\n{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"bench: {args.model}, {count_parameters(net):,} parameters, {S}x{S}, amp {dtype}, compile {args.compile}, "
+        f"{where}, torch {torch.__version__}\n{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}"
+    )
 
     def train_fn(k):  # one whole training step: loss, backward, clipping, Adam, LR, EMA
-        train_step(model, diffusion, optimizer, scaler, get_batch(data, torch.arange(k % 4 * B, (k % 4 + 1) * B), True),
-                   args.grad_clip, dtype)
+        train_step(
+            model,
+            diffusion,
+            optimizer,
+            scaler,
+            get_batch(data, torch.arange(k % 4 * B, (k % 4 + 1) * B), True),
+            args.grad_clip,
+            dtype,
+        )
         scheduler.step()
         ema_update(ema, net, k, args.ema_decay)
 
     def sample_fn(k):  # one network evaluation of a sampler step, as in p_sample
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+        ):
             sampler_model(x_t, t)
 
     def timed(name, fn, n, batch):
-        progress, sync = Progress(f"bench: {name}", n, batch), torch.cuda.synchronize if device.type == "cuda" else int
+        progress, sync = (
+            Progress(f"bench: {name}", n, batch),
+            torch.cuda.synchronize if device.type == "cuda" else int,
+        )
         sync()
         t0 = time.perf_counter()
         for k in range(n):
@@ -1121,20 +1511,39 @@ def bench(args):
         return time.perf_counter() - t0
 
     for name, fn, batch in (("train", train_fn, B), ("sample", sample_fn, args.sample_batch_size)):
-        warm, seconds = timed(f"{name} warm-up", fn, args.warmup_steps, batch), timed(name, fn, args.steps, batch)
-        print(f"{name:8} {batch:>6} {args.steps * batch / seconds:>10,.1f} {1e3 * seconds / args.steps:>9.2f} {warm:>10.1f}",
-              flush=True)  # each row as soon as it is measured
+        warm, seconds = (
+            timed(f"{name} warm-up", fn, args.warmup_steps, batch),
+            timed(name, fn, args.steps, batch),
+        )
+        print(
+            f"{name:8} {batch:>6} {args.steps * batch / seconds:>10,.1f} {1e3 * seconds / args.steps:>9.2f} {warm:>10.1f}",
+            flush=True,
+        )  # each row as soon as it is measured
         if name == "train" and device.type == "cuda":
-            print(f"peak GPU memory while training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            print(
+                f"peak GPU memory while training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+            )
     print("sample = one network evaluation per image, what one step of a sampler costs")
-    if args.profile:  # where a step's time goes: the operators (and, on a GPU, kernels) that took longest
+    if (
+        args.profile
+    ):  # where a step's time goes: the operators (and, on a GPU, kernels) that took longest
         on_gpu = device.type == "cuda"
-        activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * on_gpu
+        activities = [torch.profiler.ProfilerActivity.CPU] + [
+            torch.profiler.ProfilerActivity.CUDA
+        ] * on_gpu
         with torch.profiler.profile(activities=activities) as prof:
             seconds = timed("profile", train_fn, args.profile, B)
-        print(prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
-                                        row_limit=25, max_name_column_width=70))
-        print(f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step (wall clock, profiler on)")
+        print(
+            prof.key_averages().table(
+                sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                row_limit=25,
+                max_name_column_width=70,
+            )
+        )
+        print(
+            f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step (wall clock, profiler on)"
+        )
+
 
 def compare(args):
     """Loss curves side by side: each run's mean loss (its log.csv) over 8 stretches of the steps all reached."""
@@ -1142,7 +1551,9 @@ def compare(args):
     for folder in map(Path, args.runs):
         try:
             with open(folder / "log.csv", newline="") as f:
-                rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}  # a step logged twice: its last row
+                rows = {
+                    int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)
+                }  # a step logged twice: its last row
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"{folder / 'log.csv'}: not a log written by train ({e})")
         if not rows:
@@ -1155,6 +1566,7 @@ def compare(args):
         means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss in runs.values()]
         print(f"{lo:>6}-{hi:<6} " + " ".join(f"{m:>10.4f}" for m in means))
 
+
 # --- Command line --------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UserError, i.e. one line and exit status 2."""
@@ -1162,17 +1574,31 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see: python {self.prog} --help)")
 
+
 def checked(kind, ok, must):
     """An argparse type: kind(text), refused with "must be {must}" unless ok(value) (NaN never is)."""
+
     def number(text):
         if not ok(value := kind(text)):
             raise argparse.ArgumentTypeError(f"{text}: must be {must}")
         return value
+
     return number
 
-AT_LEAST_1, AT_LEAST_2 = checked(int, lambda v: v >= 1, "at least 1"), checked(int, lambda v: v >= 2, "at least 2")
-COUNT, NONNEGATIVE = checked(int, lambda v: v >= 0, "0 or more"), checked(float, lambda v: v >= 0, "0 or more")
-POSITIVE, FRACTION = checked(float, lambda v: v > 0, "more than 0"), checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+
+AT_LEAST_1, AT_LEAST_2 = (
+    checked(int, lambda v: v >= 1, "at least 1"),
+    checked(int, lambda v: v >= 2, "at least 2"),
+)
+COUNT, NONNEGATIVE = (
+    checked(int, lambda v: v >= 0, "0 or more"),
+    checked(float, lambda v: v >= 0, "0 or more"),
+)
+POSITIVE, FRACTION = (
+    checked(float, lambda v: v > 0, "more than 0"),
+    checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1"),
+)
+
 
 def int_list(text):
     """'1,2,2,2' -> [1, 2, 2, 2]; '' -> []. Every value must be a positive integer."""
@@ -1181,86 +1607,330 @@ def int_list(text):
     except ValueError:
         values = [0]  # not integers: the same error below
     if min(values, default=1) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers, got {text!r}"
+        )
     return values
+
 
 def build_parser():
     """The five commands and their flags; returns (parser, {command: subparser})."""
     net = Parser(add_help=False)
     g = net.add_argument_group("network")
-    g.add_argument("--model", choices=MODELS, default="res_att", help="conv, res or res_att (default: %(default)s; paper: res_att)")
-    g.add_argument("--image-size", type=AT_LEAST_1, default=32, help="image side in pixels (default: %(default)s)")
-    g.add_argument("--base-channels", type=int, default=128, help="channels at full resolution, a multiple of 32 (default: %(default)s)")
-    g.add_argument("--channel-mult", type=int_list, default=[1, 2, 2, 2], help="channel multiplier per level, comma-separated (default: 1,2,2,2)")
-    g.add_argument("--num-res-blocks", type=int, default=2, help="blocks per level going down (default: %(default)s)")
-    g.add_argument("--attn-resolutions", type=int_list, default=[16], help="resolutions with self-attention, res_att only (default: 16)")
-    g.add_argument("--dropout", type=FRACTION, default=0.1, help="dropout in every block (default: %(default)s)")
-    g.add_argument("--timesteps", type=AT_LEAST_2, default=1000, help="diffusion steps T (default: %(default)s)")
-    g.add_argument("--schedule", choices=SCHEDULES, default="linear", help="beta schedule (default: %(default)s; paper: linear 1e-4 to 0.02)")
+    g.add_argument(
+        "--model",
+        choices=MODELS,
+        default="res_att",
+        help="conv, res or res_att (default: %(default)s; paper: res_att)",
+    )
+    g.add_argument(
+        "--image-size",
+        type=AT_LEAST_1,
+        default=32,
+        help="image side in pixels (default: %(default)s)",
+    )
+    g.add_argument(
+        "--base-channels",
+        type=int,
+        default=128,
+        help="channels at full resolution, a multiple of 32 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--channel-mult",
+        type=int_list,
+        default=[1, 2, 2, 2],
+        help="channel multiplier per level, comma-separated (default: 1,2,2,2)",
+    )
+    g.add_argument(
+        "--num-res-blocks",
+        type=int,
+        default=2,
+        help="blocks per level going down (default: %(default)s)",
+    )
+    g.add_argument(
+        "--attn-resolutions",
+        type=int_list,
+        default=[16],
+        help="resolutions with self-attention, res_att only (default: 16)",
+    )
+    g.add_argument(
+        "--dropout",
+        type=FRACTION,
+        default=0.1,
+        help="dropout in every block (default: %(default)s)",
+    )
+    g.add_argument(
+        "--timesteps",
+        type=AT_LEAST_2,
+        default=1000,
+        help="diffusion steps T (default: %(default)s)",
+    )
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="linear",
+        help="beta schedule (default: %(default)s; paper: linear 1e-4 to 0.02)",
+    )
     run = Parser(add_help=False)
     g = run.add_argument_group("runtime")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu (default: %(default)s)")
-    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto", help="mixed precision; auto: bf16 on CUDA, none elsewhere (default: %(default)s; paper: TPU bfloat16)")
-    g.add_argument("--compile", nargs="?", const="auto", default=None, metavar="MODE", choices=["auto", "default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the network: slow first step, faster after; auto = reduce-overhead (CUDA graphs) when training on one GPU, default otherwise (default: off)")
+    g.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda", "mps"],
+        default="auto",
+        help="auto: cuda, then mps, then cpu (default: %(default)s)",
+    )
+    g.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "none"],
+        default="auto",
+        help="mixed precision; auto: bf16 on CUDA, none elsewhere (default: %(default)s; paper: TPU bfloat16)",
+    )
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="MODE",
+        choices=["auto", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the network: slow first step, faster after; auto = reduce-overhead (CUDA graphs) when training on one GPU, default otherwise (default: off)",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     sampling = Parser(add_help=False)
     g = sampling.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=["auto", "ddpm", "ddim", "dpm++"], default="auto",
-                   help="ddpm: Algorithm 2, T steps; ddim: Song et al.; dpm++: DPM-Solver++(2M), Lu et al.; auto: ddpm on CUDA, dpm++ elsewhere (default: %(default)s; paper: ddpm)")
-    g.add_argument("--sample-steps", type=AT_LEAST_2, default=None, help="ddim and dpm++ steps (default: 100 for ddim, 20 for dpm++)")
-    g.add_argument("--eta", type=NONNEGATIVE, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)")
-    g.add_argument("--variance", choices=["fixedlarge", "fixedsmall"], default="fixedlarge",
-                   help="ddpm's sigma_t^2: beta_t (fixedlarge) or beta_tilde_t (fixedsmall) (default: %(default)s; paper: fixedlarge for CIFAR-10)")
+    g.add_argument(
+        "--sampler",
+        choices=["auto", "ddpm", "ddim", "dpm++"],
+        default="auto",
+        help="ddpm: Algorithm 2, T steps; ddim: Song et al.; dpm++: DPM-Solver++(2M), Lu et al.; auto: ddpm on CUDA, dpm++ elsewhere (default: %(default)s; paper: ddpm)",
+    )
+    g.add_argument(
+        "--sample-steps",
+        type=AT_LEAST_2,
+        default=None,
+        help="ddim and dpm++ steps (default: 100 for ddim, 20 for dpm++)",
+    )
+    g.add_argument(
+        "--eta",
+        type=NONNEGATIVE,
+        default=0.0,
+        help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)",
+    )
+    g.add_argument(
+        "--variance",
+        choices=["fixedlarge", "fixedsmall"],
+        default="fixedlarge",
+        help="ddpm's sigma_t^2: beta_t (fixedlarge) or beta_tilde_t (fixedsmall) (default: %(default)s; paper: fixedlarge for CIFAR-10)",
+    )
     data = Parser(add_help=False)
     g = data.add_argument_group("data")
-    g.add_argument("--dataset", choices=[*TORCHVISION_DATASETS, "folder"], default="cifar10", help="(default: %(default)s; paper: cifar10)")
-    g.add_argument("--data-dir", default="data", help="dataset folder; for 'folder', any tree of .png/.jpg images (default: %(default)s)")
+    g.add_argument(
+        "--dataset",
+        choices=[*TORCHVISION_DATASETS, "folder"],
+        default="cifar10",
+        help="(default: %(default)s; paper: cifar10)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default="data",
+        help="dataset folder; for 'folder', any tree of .png/.jpg images (default: %(default)s)",
+    )
 
-    parser = Parser(prog="ddpm.py", description="Denoising Diffusion Probabilistic Models (Ho et al. 2020). With no command, trains.", allow_abbrev=False)
-    sub, commands = parser.add_subparsers(dest="command", metavar="{train,sample,forward,bench,compare}"), {}
-    p = commands["train"] = sub.add_parser("train", parents=[net, run, data, sampling], allow_abbrev=False, help="train a model (Algorithm 1)", description="Train eps_theta with Algorithm 1.")
+    parser = Parser(
+        prog="ddpm.py",
+        description="Denoising Diffusion Probabilistic Models (Ho et al. 2020). With no command, trains.",
+        allow_abbrev=False,
+    )
+    sub, commands = (
+        parser.add_subparsers(dest="command", metavar="{train,sample,forward,bench,compare}"),
+        {},
+    )
+    p = commands["train"] = sub.add_parser(
+        "train",
+        parents=[net, run, data, sampling],
+        allow_abbrev=False,
+        help="train a model (Algorithm 1)",
+        description="Train eps_theta with Algorithm 1.",
+    )
     g = p.add_argument_group("training")
-    g.add_argument("--no-flip", action="store_true", help="no random horizontal flips (default: flips for cifar10 and folder)")
-    g.add_argument("--epochs", type=AT_LEAST_1, default=100, help="passes over the data (default: %(default)s; paper: 800k steps, ~2000 epochs)")
-    g.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many steps if sooner; 0: no limit (default: %(default)s)")
-    g.add_argument("--batch-size", type=AT_LEAST_1, default=128, help="global batch (default: %(default)s; paper: 128)")
-    g.add_argument("--lr", type=POSITIVE, default=2e-4, help="Adam learning rate (default: %(default)s; paper: 2e-4)")
-    g.add_argument("--warmup", type=COUNT, default=5000, help="linear LR warm-up steps (default: %(default)s; paper: 5000)")
-    g.add_argument("--grad-clip", type=POSITIVE, default=1.0, help="clip the global gradient norm to this; inf: no clipping (default: %(default)s; paper: 1.0)")
-    g.add_argument("--ema-decay", type=FRACTION, default=0.9999, help="EMA decay, warmed up (default: %(default)s; paper: 0.9999)")
-    g.add_argument("--out-dir", default=None, help="where ckpt.pt, log.csv and pictures go (default: runs/<model>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
-    g.add_argument("--ckpt-minutes", type=NONNEGATIVE, default=5, help="save ckpt.pt every this many minutes, and at the end and on a stop; 0: only then (default: %(default)s)")
-    g.add_argument("--ckpt-every", type=COUNT, default=0, help="also save every N steps; 0: off (default: %(default)s)")
-    g.add_argument("--sample-every", type=COUNT, default=10, help="a sample grid every N epochs; 0: never (default: %(default)s)")
-    g.add_argument("--log-every", type=AT_LEAST_1, default=100, help="a log.csv row every N steps (default: %(default)s)")
-    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (needs: pip install wandb)")
-    p = commands["sample"] = sub.add_parser("sample", parents=[run, sampling], allow_abbrev=False, help="generate images from a checkpoint", description="Generate images from a checkpoint.")
+    g.add_argument(
+        "--no-flip",
+        action="store_true",
+        help="no random horizontal flips (default: flips for cifar10 and folder)",
+    )
+    g.add_argument(
+        "--epochs",
+        type=AT_LEAST_1,
+        default=100,
+        help="passes over the data (default: %(default)s; paper: 800k steps, ~2000 epochs)",
+    )
+    g.add_argument(
+        "--max-steps",
+        type=COUNT,
+        default=0,
+        help="stop after this many steps if sooner; 0: no limit (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=AT_LEAST_1,
+        default=128,
+        help="global batch (default: %(default)s; paper: 128)",
+    )
+    g.add_argument(
+        "--lr",
+        type=POSITIVE,
+        default=2e-4,
+        help="Adam learning rate (default: %(default)s; paper: 2e-4)",
+    )
+    g.add_argument(
+        "--warmup",
+        type=COUNT,
+        default=5000,
+        help="linear LR warm-up steps (default: %(default)s; paper: 5000)",
+    )
+    g.add_argument(
+        "--grad-clip",
+        type=POSITIVE,
+        default=1.0,
+        help="clip the global gradient norm to this; inf: no clipping (default: %(default)s; paper: 1.0)",
+    )
+    g.add_argument(
+        "--ema-decay",
+        type=FRACTION,
+        default=0.9999,
+        help="EMA decay, warmed up (default: %(default)s; paper: 0.9999)",
+    )
+    g.add_argument(
+        "--out-dir",
+        default=None,
+        help="where ckpt.pt, log.csv and pictures go (default: runs/<model>)",
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt"
+    )
+    g.add_argument(
+        "--ckpt-minutes",
+        type=NONNEGATIVE,
+        default=5,
+        help="save ckpt.pt every this many minutes, and at the end and on a stop; 0: only then (default: %(default)s)",
+    )
+    g.add_argument(
+        "--ckpt-every",
+        type=COUNT,
+        default=0,
+        help="also save every N steps; 0: off (default: %(default)s)",
+    )
+    g.add_argument(
+        "--sample-every",
+        type=COUNT,
+        default=10,
+        help="a sample grid every N epochs; 0: never (default: %(default)s)",
+    )
+    g.add_argument(
+        "--log-every",
+        type=AT_LEAST_1,
+        default=100,
+        help="a log.csv row every N steps (default: %(default)s)",
+    )
+    g.add_argument(
+        "--wandb", action="store_true", help="log to Weights & Biases (needs: pip install wandb)"
+    )
+    p = commands["sample"] = sub.add_parser(
+        "sample",
+        parents=[run, sampling],
+        allow_abbrev=False,
+        help="generate images from a checkpoint",
+        description="Generate images from a checkpoint.",
+    )
     p.add_argument("--ckpt", required=True, help="a ckpt.pt written by train")
-    p.add_argument("--num-samples", type=AT_LEAST_1, default=64, help="(default: %(default)s; FID: 50000)")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=500, help="images per sampler batch (default: %(default)s)")
-    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="(default: %(default)s; paper: ema)")
-    p.add_argument("--format", choices=["png", "npz"], default="png", help="png: a grid and one file per image; npz: one uint8 (N, H, W, C) array (default: %(default)s)")
-    p.add_argument("--out-dir", default=None, help="(default: a samples/ folder beside the checkpoint)")
-    p = commands["forward"] = sub.add_parser("forward", parents=[data], allow_abbrev=False, help="picture of the forward (noising) process", description="Picture of q(x_t | x_0) on real images.")
+    p.add_argument(
+        "--num-samples", type=AT_LEAST_1, default=64, help="(default: %(default)s; FID: 50000)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=AT_LEAST_1,
+        default=500,
+        help="images per sampler batch (default: %(default)s)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["ema", "model"],
+        default="ema",
+        help="(default: %(default)s; paper: ema)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["png", "npz"],
+        default="png",
+        help="png: a grid and one file per image; npz: one uint8 (N, H, W, C) array (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out-dir", default=None, help="(default: a samples/ folder beside the checkpoint)"
+    )
+    p = commands["forward"] = sub.add_parser(
+        "forward",
+        parents=[data],
+        allow_abbrev=False,
+        help="picture of the forward (noising) process",
+        description="Picture of q(x_t | x_0) on real images.",
+    )
     p.add_argument("--image-size", type=AT_LEAST_1, default=32, help="(default: %(default)s)")
     p.add_argument("--timesteps", type=AT_LEAST_2, default=1000, help="T (default: %(default)s)")
     p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="(default: %(default)s)")
     p.add_argument("--num-images", type=AT_LEAST_1, default=8, help="rows (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--out-dir", default="runs", help="writes forward_process.png there (default: %(default)s)")
-    p = commands["compare"] = sub.add_parser("compare", allow_abbrev=False, help="compare the loss curves of runs", description="Mean loss per stretch of steps for each run, as a table.")
+    p.add_argument(
+        "--out-dir", default="runs", help="writes forward_process.png there (default: %(default)s)"
+    )
+    p = commands["compare"] = sub.add_parser(
+        "compare",
+        allow_abbrev=False,
+        help="compare the loss curves of runs",
+        description="Mean loss per stretch of steps for each run, as a table.",
+    )
     p.add_argument("runs", nargs="+", help="run folders (each with the log.csv that train wrote)")
-    p = commands["bench"] = sub.add_parser("bench", parents=[net, run], allow_abbrev=False, help="measure training and sampling speed",
-                                           description="Training and sampling images/s on random data. On a CPU the flags not typed take small defaults, so that it ends within a minute.")
-    p.add_argument("--batch-size", type=AT_LEAST_1, default=128, help="training batch (default: %(default)s; on a CPU 32)")
-    p.add_argument("--sample-batch-size", type=AT_LEAST_1, default=500, help="sampling batch (default: %(default)s; on a CPU 32)")
-    p.add_argument("--steps", type=AT_LEAST_1, default=20, help="timed calls of each (default: %(default)s)")
-    p.add_argument("--warmup-steps", type=COUNT, default=5, help="untimed calls first, compiling included (default: %(default)s; on a CPU 3)")
-    p.add_argument("--profile", type=COUNT, default=0, metavar="N", help="then profile N training steps and print the slowest operators/kernels (default: %(default)s, off)")
-    p.set_defaults(**{name: commands["train"].get_default(name) for name in ("lr", "grad_clip", "ema_decay", "warmup")})  # read by the step
+    p = commands["bench"] = sub.add_parser(
+        "bench",
+        parents=[net, run],
+        allow_abbrev=False,
+        help="measure training and sampling speed",
+        description="Training and sampling images/s on random data. On a CPU the flags not typed take small defaults, so that it ends within a minute.",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=AT_LEAST_1,
+        default=128,
+        help="training batch (default: %(default)s; on a CPU 32)",
+    )
+    p.add_argument(
+        "--sample-batch-size",
+        type=AT_LEAST_1,
+        default=500,
+        help="sampling batch (default: %(default)s; on a CPU 32)",
+    )
+    p.add_argument(
+        "--steps", type=AT_LEAST_1, default=20, help="timed calls of each (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=COUNT,
+        default=5,
+        help="untimed calls first, compiling included (default: %(default)s; on a CPU 3)",
+    )
+    p.add_argument(
+        "--profile",
+        type=COUNT,
+        default=0,
+        metavar="N",
+        help="then profile N training steps and print the slowest operators/kernels (default: %(default)s, off)",
+    )
+    p.set_defaults(
+        **{
+            name: commands["train"].get_default(name)
+            for name in ("lr", "grad_clip", "ema_decay", "warmup")
+        }
+    )  # read by the step
     return parser, commands
+
 
 def parse_args(argv):
     """Parse a command line (train when no command is named); records which flags were typed."""
@@ -1269,31 +1939,48 @@ def parse_args(argv):
     if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv.insert(0, "train")
     args = parser.parse_args(argv)
-    args.explicit = {a.dest for a in commands[args.command]._actions  # the flags typed (a resume may not contradict them)
-                     if any(tok.split("=")[0] in a.option_strings for tok in argv)}
+    args.explicit = {
+        a.dest
+        for a in commands[
+            args.command
+        ]._actions  # the flags typed (a resume may not contradict them)
+        if any(tok.split("=")[0] in a.option_strings for tok in argv)
+    }
     return args
+
 
 def main(argv=None):
     """Run a command; returns 0, 2 for bad input (one line on stderr) or 130 for Ctrl-C. Under torchrun
     only rank 0 prints that line; the other ranks exit alike."""
-    say = (lambda line: print(line, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda line: None)
+    say = (
+        (lambda line: print(line, file=sys.stderr))
+        if os.environ.get("RANK", "0") == "0"
+        else (lambda line: None)
+    )
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        {"train": train, "sample": sample, "forward": forward, "bench": bench, "compare": compare}[args.command](args)
+        {"train": train, "sample": sample, "forward": forward, "bench": bench, "compare": compare}[
+            args.command
+        ](args)
     except UserError as e:
         say(f"ddpm.py: error: {e}")
         return 2
     except torch.cuda.OutOfMemoryError:  # training keeps its last checkpoint: it was saved whole
-        say("ddpm.py: error: out of GPU memory; use a smaller --batch-size (bench: and --sample-batch-size)")
+        say(
+            "ddpm.py: error: out of GPU memory; use a smaller --batch-size (bench: and --sample-batch-size)"
+        )
         return 2
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
-        say(f"ddpm.py: error: --compile failed ({first_line(getattr(e, 'inner_exception', e))}); "
-            "run without --compile, which computes the same")
+        say(
+            f"ddpm.py: error: --compile failed ({first_line(getattr(e, 'inner_exception', e))}); "
+            "run without --compile, which computes the same"
+        )
         return 2
     except KeyboardInterrupt:  # Ctrl-C: training has saved its checkpoint by now
         say("ddpm.py: interrupted")
         return 130
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,10 +30,28 @@ import ddpm
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # a tiny network configuration: seconds on a CPU, every code path of the paper's network
-TINY = dict(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-            dropout=0.1, image_size=8)
-TINY_FLAGS = ["--image-size", "8", "--base-channels", "32", "--channel-mult", "1,2",
-              "--num-res-blocks", "1", "--attn-resolutions", "4", "--timesteps", "20"]
+TINY = dict(
+    base_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(4,),
+    dropout=0.1,
+    image_size=8,
+)
+TINY_FLAGS = [
+    "--image-size",
+    "8",
+    "--base-channels",
+    "32",
+    "--channel-mult",
+    "1,2",
+    "--num-res-blocks",
+    "1",
+    "--attn-resolutions",
+    "4",
+    "--timesteps",
+    "20",
+]
 SOURCE = Path(ddpm.__file__).read_text()
 BANNER = "#   The end of the method."
 
@@ -91,12 +109,20 @@ def test_buffers_match_float64_formulas():
     d = linear_diffusion()
     betas, ac, acp = float64_schedule()
     assert d.posterior_variance[0].item() == 0.0
-    np.testing.assert_allclose(d.posterior_variance.numpy(), betas * (1 - acp) / (1 - ac), rtol=1e-5)
-    np.testing.assert_allclose(d.posterior_mean_coef1.numpy(), betas * np.sqrt(acp) / (1 - ac), rtol=1e-5)
-    np.testing.assert_allclose(d.posterior_mean_coef2.numpy(), (1 - acp) * np.sqrt(1 - betas) / (1 - ac), rtol=1e-5)
+    np.testing.assert_allclose(
+        d.posterior_variance.numpy(), betas * (1 - acp) / (1 - ac), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        d.posterior_mean_coef1.numpy(), betas * np.sqrt(acp) / (1 - ac), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        d.posterior_mean_coef2.numpy(), (1 - acp) * np.sqrt(1 - betas) / (1 - ac), rtol=1e-5
+    )
     np.testing.assert_allclose(d.sqrt_recip_alphas.numpy(), 1 / np.sqrt(1 - betas), rtol=1e-6)
     np.testing.assert_allclose(d.sqrt_recip_alphas_cumprod.numpy(), 1 / np.sqrt(ac), rtol=1e-5)
-    np.testing.assert_allclose(d.sqrt_recipm1_alphas_cumprod.numpy(), np.sqrt(1 / ac - 1), rtol=1e-5)
+    np.testing.assert_allclose(
+        d.sqrt_recipm1_alphas_cumprod.numpy(), np.sqrt(1 / ac - 1), rtol=1e-5
+    )
 
 
 def test_every_buffer_is_used():
@@ -192,7 +218,9 @@ def test_q_posterior_is_gaussian_conditioning():
     for k, tk in enumerate(t.tolist()):
         # x_{t-1} ~ N(sqrt(acp) x_0, 1 - acp); x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) e
         cov = math.sqrt(1 - betas[tk]) * (1 - acp[tk])  # Cov(x_{t-1}, x_t | x_0)
-        ref_mean = math.sqrt(acp[tk]) * x_0[k].double() + cov / (1 - ac[tk]) * (x_t[k].double() - math.sqrt(ac[tk]) * x_0[k].double())
+        ref_mean = math.sqrt(acp[tk]) * x_0[k].double() + cov / (1 - ac[tk]) * (
+            x_t[k].double() - math.sqrt(ac[tk]) * x_0[k].double()
+        )
         ref_var = (1 - acp[tk]) - cov**2 / (1 - ac[tk])
         torch.testing.assert_close(mean[k].double(), ref_mean, atol=1e-5, rtol=1e-5)
         assert var[k].item() == pytest.approx(ref_var, rel=1e-5)
@@ -213,11 +241,19 @@ def test_eps_form_mean_equals_posterior_mean():
     eps = toy_model(x_t, t)
     mean, _ = d.q_posterior(d.predict_x0_from_eps(x_t, t, eps), x_t, t)
     b, a = torch.from_numpy(betas[t]), torch.from_numpy(ac[t])
-    ref = (x_t.double() - (b / (1 - a).sqrt())[:, None, None, None] * eps.double()) / (1 - b).sqrt()[:, None, None, None]
+    ref = (x_t.double() - (b / (1 - a).sqrt())[:, None, None, None] * eps.double()) / (
+        1 - b
+    ).sqrt()[:, None, None, None]
     torch.testing.assert_close(mean.double(), ref, atol=2e-5, rtol=1e-5)
-    x_t, small, z = torch.rand(5, 3, 4, 4) - 0.5, 0.01 * torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    x_t, small, z = (
+        torch.rand(5, 3, 4, 4) - 0.5,
+        0.01 * torch.randn(5, 3, 4, 4),
+        torch.randn(5, 3, 4, 4),
+    )
     clipped, plain = (d.p_sample(lambda x, t: small, x_t, 10, z, clip) for clip in (True, False))
-    assert d.predict_x0_from_eps(x_t, torch.full((5,), 10), small).abs().max() < 1  # the clip is idle
+    assert (
+        d.predict_x0_from_eps(x_t, torch.full((5,), 10), small).abs().max() < 1
+    )  # the clip is idle
     torch.testing.assert_close(clipped, plain, atol=2e-5, rtol=1e-5)
 
 
@@ -231,7 +267,9 @@ def test_p_sample_without_clipping_is_algorithm_2(variance):
         out = d.p_sample(toy_model, x_t, t, noise=z, clip_denoised=False, variance=variance)
         eps = toy_model(x_t, torch.full((3,), t)).double()
         sigma2 = betas[t] if variance == "fixedlarge" else betas[t] * (1 - acp[t]) / (1 - ac[t])
-        ref = (x_t.double() - betas[t] / math.sqrt(1 - ac[t]) * eps) / math.sqrt(1 - betas[t]) + math.sqrt(sigma2) * z.double()
+        ref = (x_t.double() - betas[t] / math.sqrt(1 - ac[t]) * eps) / math.sqrt(
+            1 - betas[t]
+        ) + math.sqrt(sigma2) * z.double()
         torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="variance"):
         d.p_sample(toy_model, x_t, 1, variance="learned")
@@ -280,7 +318,9 @@ def test_attention_is_softmax_over_the_keys():
     block = randomized(ddpm.AttnBlock(32)).double()
     x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
     B, C, H, W = x.shape
-    q, k, v = block.qkv(block.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # (B, N, C) each
+    q, k, v = (
+        block.qkv(block.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
+    )  # (B, N, C) each
     scores = q @ k.transpose(1, 2) / math.sqrt(C)  # (B, N queries, N keys)
     weights = scores.softmax(dim=-1)
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, H * W, dtype=torch.float64))
@@ -308,7 +348,9 @@ def test_attention_q_k_v_start_as_three_layers():
 def test_models_keep_shape_and_depend_on_t(name, channels, size):
     """eps_theta(x_t, t) has x_t's shape for 1 and 3 channels and two sizes, and changes with t."""
     torch.manual_seed(0)
-    model = randomized(ddpm.MODELS[name](in_channels=channels, **{**TINY, "image_size": size})).eval()
+    model = randomized(
+        ddpm.MODELS[name](in_channels=channels, **{**TINY, "image_size": size})
+    ).eval()
     x = torch.randn(2, channels, size, size)
     out = model(x, torch.tensor([3, 3]))
     assert out.shape == x.shape
@@ -349,12 +391,21 @@ def test_paper_network_structure():
     model = ddpm.ResAttUNet()
     mods = list(model.modules())
     count = lambda cls, mods=mods: sum(type(m) is cls for m in mods)  # noqa: E731
-    assert (count(ddpm.ResBlock), count(ddpm.AttnBlock), count(nn.ZeroPad2d), count(nn.Upsample)) == (22, 6, 3, 3)
-    assert all(m.padding == (0, 1, 0, 1) for m in mods if isinstance(m, nn.ZeroPad2d))  # TensorFlow's "SAME", stride 2
+    assert (
+        count(ddpm.ResBlock),
+        count(ddpm.AttnBlock),
+        count(nn.ZeroPad2d),
+        count(nn.Upsample),
+    ) == (22, 6, 3, 3)
+    assert all(
+        m.padding == (0, 1, 0, 1) for m in mods if isinstance(m, nn.ZeroPad2d)
+    )  # TensorFlow's "SAME", stride 2
     assert all(m.num_groups == 32 for m in mods if isinstance(m, nn.GroupNorm))
     assert all(m.p == 0.1 for m in mods if isinstance(m, nn.Dropout))
     zero = [m.conv2.weight for m in mods if isinstance(m, ddpm.ResBlock)]
-    zero += [m.proj_out.weight for m in mods if isinstance(m, ddpm.AttnBlock)] + [model.conv_out.weight]
+    zero += [m.proj_out.weight for m in mods if isinstance(m, ddpm.AttnBlock)] + [
+        model.conv_out.weight
+    ]
     assert all(w.abs().max() == 0 for w in zero)
     assert ddpm.count_parameters(model.temb) == 128 * 512 + 512 + 512 * 512 + 512
     x = torch.randn(1, 3, 32, 32)
@@ -366,7 +417,11 @@ def test_paper_network_structure():
     assert hits == [16, 16, 4, 16, 16, 16]  # down 2, middle (4x4), up 3
     res, conv = list(ddpm.ResUNet().modules()), list(ddpm.ConvUNet().modules())
     assert (count(ddpm.ResBlock, res), count(ddpm.AttnBlock, res)) == (22, 0)
-    assert (count(ddpm.ConvBlock, conv), count(ddpm.ResBlock, conv), count(ddpm.AttnBlock, conv)) == (22, 0, 0)
+    assert (
+        count(ddpm.ConvBlock, conv),
+        count(ddpm.ResBlock, conv),
+        count(ddpm.AttnBlock, conv),
+    ) == (22, 0, 0)
 
 
 def test_bad_network_sizes_raise_with_the_constraint():
@@ -401,7 +456,11 @@ def test_bf16_autocast_changes_the_speed_not_the_loss():
     torch.manual_seed(0)
     model = randomized(ddpm.ResAttUNet(in_channels=3, **TINY)).eval()
     d = linear_diffusion()
-    x_0, noise, t = torch.rand(16, 3, 8, 8) * 2 - 1, torch.randn(16, 3, 8, 8), torch.randint(0, 1000, (16,))
+    x_0, noise, t = (
+        torch.rand(16, 3, 8, 8) * 2 - 1,
+        torch.randn(16, 3, 8, 8),
+        torch.randint(0, 1000, (16,)),
+    )
     with torch.no_grad():
         loss32 = d.p_losses(model, x_0, t, noise)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -424,7 +483,9 @@ def test_get_batch_scales_to_unit_range_and_flips_half():
     flipped = ddpm.get_batch(data, idx, flip=True)
     mirrored = (flipped == plain.flip(3)).flatten(1).all(1) & ~(flipped == plain).flatten(1).all(1)
     kept = (flipped == plain).flatten(1).all(1)
-    assert (mirrored | kept).all() and abs(mirrored.float().mean().item() - 0.5) < 5 * 0.5 / math.sqrt(2000)
+    assert (mirrored | kept).all() and abs(
+        mirrored.float().mean().item() - 0.5
+    ) < 5 * 0.5 / math.sqrt(2000)
 
 
 def test_train_step_warmup_and_ema_match_an_independent_computation():
@@ -448,7 +509,10 @@ def test_train_step_warmup_and_ema_match_an_independent_computation():
         moved = any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
         assert moved == (n > 0)  # the first update has lr = 0, as in the official code
         decay = min(0.9999, (1 + n) / (10 + n))
-        reference = [decay * r + (1 - decay) * p.detach().double() for r, p in zip(reference, net.parameters())]
+        reference = [
+            decay * r + (1 - decay) * p.detach().double()
+            for r, p in zip(reference, net.parameters())
+        ]
     for r, e in zip(reference, ema.parameters()):
         torch.testing.assert_close(e.double(), r, atol=1e-6, rtol=1e-5)
 
@@ -458,7 +522,9 @@ def test_parts_one_to_three_alone_train_and_sample():
     p_sample_loop: the EMA's L_simple falls well below the untrained network's 1 (its output starts at zero), and
     the samples are images in [-1, 1]."""
     method = SOURCE[: SOURCE.index(BANNER)]
-    assert "Progress" not in method and not re.search(r"\bargs\.", method)  # no engineering before the banner
+    assert "Progress" not in method and not re.search(
+        r"\bargs\.", method
+    )  # no engineering before the banner
     ns = {"__name__": "notebook"}
     exec(compile(method, "ddpm.py, Parts I-III", "exec"), ns)
     torch.manual_seed(0)
@@ -470,7 +536,9 @@ def test_parts_one_to_three_alone_train_and_sample():
     x_0 = data.float() / 127.5 - 1
     with torch.no_grad():
         assert diffusion.p_losses(ema, x_0).item() < 0.3
-    x = ns["p_sample_loop"](diffusion, ema, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    x = ns["p_sample_loop"](
+        diffusion, ema, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0)
+    )
     assert x.shape == (16, 1, 8, 8) and x.abs().max() <= 1 and x.std() > 0.1
 
 
@@ -478,8 +546,11 @@ def test_sample_loops_refuse_train_mode():
     """p_sample_loop and both fast samplers refuse a model left in train() mode (dropout on)."""
     d = linear_diffusion(20)
     net = ddpm.ConvUNet(in_channels=1, **TINY)
-    for loop in (lambda: ddpm.p_sample_loop(d, net, (2, 1, 8, 8)), lambda: ddpm.ddim_sample_loop(d, net, (2, 1, 8, 8), 5),
-                 lambda: ddpm.dpm_solver_sample_loop(d, net, (2, 1, 8, 8), 5)):
+    for loop in (
+        lambda: ddpm.p_sample_loop(d, net, (2, 1, 8, 8)),
+        lambda: ddpm.ddim_sample_loop(d, net, (2, 1, 8, 8), 5),
+        lambda: ddpm.dpm_solver_sample_loop(d, net, (2, 1, 8, 8), 5),
+    ):
         with pytest.raises(ValueError, match="eval"):
             loop()
 
@@ -493,6 +564,7 @@ def gaussian_data_denoiser(d, mu, s):
         a = ac[t].sqrt()[:, None, None, None]
         b = (1 - ac[t]).sqrt()[:, None, None, None]
         return (b / (a**2 * s**2 + b**2) * (x_t.double() - a * mu)).float()
+
     return model
 
 
@@ -503,14 +575,27 @@ def gaussian_chain_mean_std(d, mu, s, variance=None, steps=None):
     betas = d.betas.double()
     ac = torch.cumprod(1 - betas, 0)
     acp = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
-    ts = list(reversed(range(len(betas)))) if steps is None else ddpm.ddim_timesteps(len(betas), steps)
+    ts = (
+        list(reversed(range(len(betas))))
+        if steps is None
+        else ddpm.ddim_timesteps(len(betas), steps)
+    )
     m, v = 0.0, 1.0  # x_T ~ N(0, 1)
     for i, t in enumerate(ts):
         a = ac[t]
         c = a.sqrt() * s**2 / (a * s**2 + 1 - a)  # E[x_0 | x_t] = (1 - c sqrt(a)) mu + c x_t
         if steps is None:  # mu_tilde = coef1 x_0_pred + coef2 x_t  [Eq. 7]
-            coef1, coef2 = betas[t] * acp[t].sqrt() / (1 - a), (1 - acp[t]) * (1 - betas[t]).sqrt() / (1 - a)
-            sigma2 = 0.0 if t == 0 else betas[t] if variance == "fixedlarge" else betas[t] * (1 - acp[t]) / (1 - a)
+            coef1, coef2 = (
+                betas[t] * acp[t].sqrt() / (1 - a),
+                (1 - acp[t]) * (1 - betas[t]).sqrt() / (1 - a),
+            )
+            sigma2 = (
+                0.0
+                if t == 0
+                else betas[t]
+                if variance == "fixedlarge"
+                else betas[t] * (1 - acp[t]) / (1 - a)
+            )
         else:  # sqrt(a') x_0_pred + sqrt(1 - a') (x_t - sqrt(a) x_0_pred) / sqrt(1 - a)
             ap = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
             coef2 = (1 - ap).sqrt() / (1 - a).sqrt()
@@ -520,7 +605,9 @@ def gaussian_chain_mean_std(d, mu, s, variance=None, steps=None):
     return float(m), float(v) ** 0.5
 
 
-@pytest.mark.parametrize("sampler,tol", [("fixedlarge", 0.005), ("fixedsmall", 0.005), ("ddim-50", 0.03)])
+@pytest.mark.parametrize(
+    "sampler,tol", [("fixedlarge", 0.005), ("fixedsmall", 0.005), ("ddim-50", 0.03)]
+)
 def test_samplers_with_exact_denoiser_reproduce_the_data(sampler, tol):
     """With the exact eps for data x_0 ~ N(mu, s^2), Alg. 2 (both variances) and DDIM (eta = 0, 50 steps) match the closed-form chain, and (mu, s) within tol."""
     d = linear_diffusion()
@@ -573,10 +660,16 @@ def test_ddim_eta1_all_steps_equals_ddpm_with_beta_tilde():
     """DDIM with eta = 1 and steps = T is Alg. 2 with sigma^2 = beta_tilde, given the same noise [Song et al., Sec. 4.1]."""
     d = linear_diffusion(50, 0.2)
     shape = (8, 3, 4, 4)
-    ddpm_x = ddpm.p_sample_loop(d, toy_model, shape, variance="fixedsmall", generator=torch.Generator().manual_seed(1))
-    ddim_x = ddpm.ddim_sample_loop(d, toy_model, shape, steps=50, eta=1.0, generator=torch.Generator().manual_seed(1))
+    ddpm_x = ddpm.p_sample_loop(
+        d, toy_model, shape, variance="fixedsmall", generator=torch.Generator().manual_seed(1)
+    )
+    ddim_x = ddpm.ddim_sample_loop(
+        d, toy_model, shape, steps=50, eta=1.0, generator=torch.Generator().manual_seed(1)
+    )
     torch.testing.assert_close(ddim_x, ddpm_x, atol=1e-4, rtol=1e-4)
-    other = ddpm.ddim_sample_loop(d, toy_model, shape, steps=50, eta=0.0, generator=torch.Generator().manual_seed(1))
+    other = ddpm.ddim_sample_loop(
+        d, toy_model, shape, steps=50, eta=0.0, generator=torch.Generator().manual_seed(1)
+    )
     assert (other - ddpm_x).abs().max() > 0.1  # and eta matters
 
 
@@ -588,10 +681,19 @@ def test_dpm_solver_timesteps_are_even_in_log_snr(schedule):
     lam = 0.5 * (d.alphas_cumprod.double().log() - (1 - d.alphas_cumprod.double()).log())
     for steps in [2, 3, 10, 20, 50, 200, 999, 1000]:
         ts = ddpm.dpm_solver_timesteps(d.alphas_cumprod, steps)
-        assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in zip(ts, ts[1:]))
+        assert (
+            len(ts) == steps
+            and ts[0] == 999
+            and ts[-1] == 0
+            and all(a > b for a, b in zip(ts, ts[1:]))
+        )
     ts = ddpm.dpm_solver_timesteps(d.alphas_cumprod, 10)
-    gaps = (lam[ts[1:]] - lam[ts[:-1]]) / ((lam[0] - lam[-1]) / 9)  # each gap in units of an even step
-    if schedule == "linear":  # (cosine's last beta is clipped to 0.999: lambda jumps between t = 998 and 999)
+    gaps = (lam[ts[1:]] - lam[ts[:-1]]) / (
+        (lam[0] - lam[-1]) / 9
+    )  # each gap in units of an even step
+    if (
+        schedule == "linear"
+    ):  # (cosine's last beta is clipped to 0.999: lambda jumps between t = 998 and 999)
         assert (gaps - 1).abs().max() < 0.2
     with pytest.raises(ValueError):
         ddpm.dpm_solver_timesteps(d.alphas_cumprod, 1)
@@ -601,8 +703,12 @@ def test_dpm_solver_with_two_steps_is_ddim():
     """DPM-Solver++ starts with a first-order step, which is DDIM's [Lu et al. 2022, Sec. 4]: with 2 steps the two agree."""
     d = linear_diffusion()
     x_T = torch.randn(4, 3, 4, 4)
-    torch.testing.assert_close(ddpm.dpm_solver_sample_loop(d, toy_model, x_T.shape, 2, x_T=x_T),
-                               ddpm.ddim_sample_loop(d, toy_model, x_T.shape, 2, x_T=x_T), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ddpm.dpm_solver_sample_loop(d, toy_model, x_T.shape, 2, x_T=x_T),
+        ddpm.ddim_sample_loop(d, toy_model, x_T.shape, 2, x_T=x_T),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -618,10 +724,17 @@ def test_dpm_solver_lands_on_the_exact_ode_solution(schedule):
     exact = mu + s * (x_T.double() - a2.sqrt() * mu) / (a2 * s**2 + 1 - a2).sqrt()
 
     def error(loop, steps):
-        return (loop(d, model, x_T.shape, steps, clip_denoised=False, x_T=x_T).double() - exact).abs().mean().item()
+        return (
+            (loop(d, model, x_T.shape, steps, clip_denoised=False, x_T=x_T).double() - exact)
+            .abs()
+            .mean()
+            .item()
+        )
 
     for steps in [10, 15, 20, 25]:
-        assert error(ddpm.dpm_solver_sample_loop, steps) < 0.5 * error(ddpm.ddim_sample_loop, steps), steps
+        assert error(ddpm.dpm_solver_sample_loop, steps) < 0.5 * error(
+            ddpm.ddim_sample_loop, steps
+        ), steps
     dpm = [error(ddpm.dpm_solver_sample_loop, steps) for steps in (40, 80)]
     ddim = [error(ddpm.ddim_sample_loop, steps) for steps in (40, 80)]
     assert dpm[1] < 1e-3 and dpm[0] / dpm[1] > 3 and 1.5 < ddim[0] / ddim[1] < 2.5, (dpm, ddim)
@@ -642,12 +755,21 @@ def test_progress_line_in_a_log_and_in_a_terminal(monkeypatch, capsys):
     in a terminal one line updated in place with carriage returns, ended once; a short phase prints nothing."""
     clock = iter(range(0, 10_000, 3))  # each call to the clock is 3 s later
     monkeypatch.setattr(ddpm.time, "time", lambda: next(clock))
-    progress = ddpm.Progress("sampling (dpm++, 4 steps)", 8, 2.5, lambda k: f"batch {(k - 1) // 4 + 1}/2, step {(k - 1) % 4 + 1}/4")
+    progress = ddpm.Progress(
+        "sampling (dpm++, 4 steps)",
+        8,
+        2.5,
+        lambda k: f"batch {(k - 1) // 4 + 1}/2, step {(k - 1) % 4 + 1}/4",
+    )
     for _ in range(8):
         progress.tick()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "sampling (dpm++, 4 steps): batch 1/2, step 2/4 | 0.8 images/s | ETA 18 s"  # 2 ticks x 2.5 in 6 s
-    assert lines[-1].startswith("sampling (dpm++, 4 steps): batch 2/2, step 4/4 |") and lines[-1].endswith("took 24 s")
+    assert (
+        lines[0] == "sampling (dpm++, 4 steps): batch 1/2, step 2/4 | 0.8 images/s | ETA 18 s"
+    )  # 2 ticks x 2.5 in 6 s
+    assert lines[-1].startswith("sampling (dpm++, 4 steps): batch 2/2, step 4/4 |") and lines[
+        -1
+    ].endswith("took 24 s")
     assert len(lines) == 4  # every 5 s at most: ticks 2, 4, 6 (each 6 s apart), and the last
     terminal = Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
@@ -682,13 +804,32 @@ def test_compiled_training_step_has_eager_loss_and_gradients():
     """--compile runs the network through inductor, forward and backward, in the GPU's layout (channels_last): its
     loss and gradient of L_simple equal eager's to float32 rounding, and it runs the whole training step."""
     torch.manual_seed(0)
-    args = ddpm.parse_args(["--device", "cpu", *TINY_FLAGS, "--channel-mult", "1", "--attn-resolutions", "8",
-                            "--dropout", "0", "--compile", "default"])  # one level: a shorter compile
-    net, model, ema, diffusion, opt, sched, scaler = ddpm.build_training(args, 3, torch.device("cpu"))
+    args = ddpm.parse_args(
+        [
+            "--device",
+            "cpu",
+            *TINY_FLAGS,
+            "--channel-mult",
+            "1",
+            "--attn-resolutions",
+            "8",
+            "--dropout",
+            "0",
+            "--compile",
+            "default",
+        ]
+    )  # one level: a shorter compile
+    net, model, ema, diffusion, opt, sched, scaler = ddpm.build_training(
+        args, 3, torch.device("cpu")
+    )
     assert model is not net  # the step calls the compiled module; net holds the same parameters
     randomized(net).to(memory_format=torch.channels_last)
     cl = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
-    x_0, t, noise = cl(torch.rand(4, 3, 8, 8) * 2 - 1), torch.randint(0, 20, (4,)), cl(torch.randn(4, 3, 8, 8))
+    x_0, t, noise = (
+        cl(torch.rand(4, 3, 8, 8) * 2 - 1),
+        torch.randint(0, 20, (4,)),
+        cl(torch.randn(4, 3, 8, 8)),
+    )
     losses, grads = [], []
     for module in (net, model):
         net.zero_grad(set_to_none=True)
@@ -716,8 +857,10 @@ def test_bf16_sampling_keeps_float32_state_and_the_same_images(sampler):
         eps32 = model(x_T, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             eps16 = model(x_T, t)
-        x32, x16 = (ddpm.run_sampler(d, model, x_T, args, dtype, torch.Generator().manual_seed(1))
-                    for dtype in (None, torch.bfloat16))
+        x32, x16 = (
+            ddpm.run_sampler(d, model, x_T, args, dtype, torch.Generator().manual_seed(1))
+            for dtype in (None, torch.bfloat16)
+        )
     assert 1e-3 < (eps16 - eps32).norm() / eps32.norm() < 0.05  # bf16 really was used
     assert x16.dtype == torch.float32
     level = 2 / 255
@@ -730,8 +873,12 @@ def test_sampler_auto_and_steps():
     args = SimpleNamespace(sampler="auto", sample_steps=None)
     assert ddpm.sampler_plan(args, 1000, torch.device("cuda")) == ("ddpm", 1000)
     assert ddpm.sampler_plan(args, 1000, torch.device("cpu")) == ("dpm++", 20)
-    assert ddpm.sampler_plan(SimpleNamespace(sampler="ddim", sample_steps=None), 1000, torch.device("cpu")) == ("ddim", 100)
-    assert ddpm.sampler_plan(SimpleNamespace(sampler="ddim", sample_steps=7), 1000, torch.device("cpu")) == ("ddim", 7)
+    assert ddpm.sampler_plan(
+        SimpleNamespace(sampler="ddim", sample_steps=None), 1000, torch.device("cpu")
+    ) == ("ddim", 100)
+    assert ddpm.sampler_plan(
+        SimpleNamespace(sampler="ddim", sample_steps=7), 1000, torch.device("cpu")
+    ) == ("ddim", 7)
 
 
 # -----------------------------------------------------------------------------
@@ -745,7 +892,9 @@ def write_image_folder(root, n=40, channels=3, size=(10, 12)):
     for k in range(n):
         (root / f"class{k % 2}").mkdir(parents=True, exist_ok=True)
         low = torch.rand(channels, 3, 3, generator=g)
-        img = torch.nn.functional.interpolate(low[None], size=size, mode="bilinear", align_corners=False)[0]
+        img = torch.nn.functional.interpolate(
+            low[None], size=size, mode="bilinear", align_corners=False
+        )[0]
         arr = (img * 255).round().to(torch.uint8).permute(1, 2, 0).squeeze(2).numpy()  # (H, W[, C])
         Image.fromarray(arr).save(root / f"class{k % 2}" / f"{k:03d}.png")
     return root
@@ -759,8 +908,21 @@ def read_png(path):
 
 def grid_cells(img, rows, cols, size):
     """The images of a save_grid picture (2-pixel padding), as (rows, cols, C, size, size)."""
-    return torch.stack([torch.stack([img[:, 2 + r * (size + 2): 2 + r * (size + 2) + size, 2 + c * (size + 2): 2 + c * (size + 2) + size]
-                                     for c in range(cols)]) for r in range(rows)])
+    return torch.stack(
+        [
+            torch.stack(
+                [
+                    img[
+                        :,
+                        2 + r * (size + 2) : 2 + r * (size + 2) + size,
+                        2 + c * (size + 2) : 2 + c * (size + 2) + size,
+                    ]
+                    for c in range(cols)
+                ]
+            )
+            for r in range(rows)
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -769,8 +931,22 @@ def image_dir(tmp_path_factory):
 
 
 def train_flags(image_dir, out_dir, *extra):
-    return ["--dataset", "folder", "--data-dir", str(image_dir), *TINY_FLAGS, "--batch-size", "8",
-            "--out-dir", str(out_dir), "--warmup", "10", "--device", "cpu", *extra]
+    return [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(image_dir),
+        *TINY_FLAGS,
+        "--batch-size",
+        "8",
+        "--out-dir",
+        str(out_dir),
+        "--warmup",
+        "10",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -778,7 +954,14 @@ def trained_run(image_dir, tmp_path_factory):
     """One tiny training run (2 epochs of 5 steps), shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("run")
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        assert ddpm.main(train_flags(image_dir, out, "--epochs", "2", "--sample-every", "1", "--log-every", "2")) == 0
+        assert (
+            ddpm.main(
+                train_flags(
+                    image_dir, out, "--epochs", "2", "--sample-every", "1", "--log-every", "2"
+                )
+            )
+            == 0
+        )
     out.joinpath("stdout.txt").write_text(stdout.getvalue())
     return out
 
@@ -797,7 +980,10 @@ def test_train_writes_checkpoint_log_and_pictures(trained_run):
     steps = [int(r.split(",")[0]) for r in rows[1:]]
     assert steps == sorted(steps) and steps[-1] == 10
     assert all(math.isfinite(float(r.split(",")[2])) for r in rows[1:])
-    assert sorted(p.name for p in (trained_run / "grids").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    assert sorted(p.name for p in (trained_run / "grids").iterdir()) == [
+        "epoch_0001.png",
+        "epoch_0002.png",
+    ]
     grid = read_png(trained_run / "samples.png")
     assert grid.shape == (3, 2 + 8 * 10, 2 + 8 * 10)  # 8 x 8 images of 8 px with 2 px padding
     trajectory = read_png(trained_run / "reverse_process.png")
@@ -805,15 +991,30 @@ def test_train_writes_checkpoint_log_and_pictures(trained_run):
     assert torch.equal(grid_cells(trajectory, 8, 10, 8)[:, -1], grid_cells(grid, 8, 8, 8)[0])
     assert not torch.equal(grid_cells(trajectory, 8, 10, 8)[:, 0], grid_cells(grid, 8, 8, 8)[0])
     assert not list(trained_run.glob("*.tmp"))
-    assert "warm-up (--warmup 10) is more than half of this run's 10 steps" in (trained_run / "stdout.txt").read_text()
+    assert (
+        "warm-up (--warmup 10) is more than half of this run's 10 steps"
+        in (trained_run / "stdout.txt").read_text()
+    )
 
 
 def test_checkpoint_holds_only_tensors_and_plain_values(trained_run, tmp_path):
     """ckpt.pt loads with weights_only=True; a file that would run code on load is refused, and so is a format-1 file."""
     ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
-    assert {"model", "ema", "optimizer", "scheduler", "scaler", "step", "epoch", "config", "rng"} <= set(ckpt)
+    assert {
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "step",
+        "epoch",
+        "config",
+        "rng",
+    } <= set(ckpt)
     evil = tmp_path / "evil.pt"
-    torch.save({"format": ddpm.CKPT_FORMAT, "payload": ddpm.UserError("x")}, evil)  # a pickled object
+    torch.save(
+        {"format": ddpm.CKPT_FORMAT, "payload": ddpm.UserError("x")}, evil
+    )  # a pickled object
     with pytest.raises(ddpm.UserError, match="cannot load"):
         ddpm.load_checkpoint(evil)
     torch.save({**ckpt, "format": "ddpm.py checkpoint 1"}, tmp_path / "old.pt")
@@ -825,8 +1026,30 @@ def test_checkpoint_holds_only_tensors_and_plain_values(trained_run, tmp_path):
 def test_sample_from_checkpoint(trained_run, tmp_path, fmt):
     """sample writes N images (PNG files or one uint8 (N, H, W, C) npz) and a grid, from the checkpoint alone."""
     out = tmp_path / "s"
-    assert ddpm.main(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "5", "--batch-size", "2",
-                      "--format", fmt, "--out-dir", str(out), "--sampler", "ddim", "--sample-steps", "5", "--device", "cpu"]) == 0
+    assert (
+        ddpm.main(
+            [
+                "sample",
+                "--ckpt",
+                str(trained_run / "ckpt.pt"),
+                "--num-samples",
+                "5",
+                "--batch-size",
+                "2",
+                "--format",
+                fmt,
+                "--out-dir",
+                str(out),
+                "--sampler",
+                "ddim",
+                "--sample-steps",
+                "5",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (out / "grid.png").exists()
     if fmt == "png":
         files = sorted((out / "images").iterdir())
@@ -834,12 +1057,44 @@ def test_sample_from_checkpoint(trained_run, tmp_path, fmt):
         img = read_png(files[0])
         assert img.shape == (3, 8, 8) and img.dtype == torch.uint8
         # a smaller run into the same folder would leave 3 of these beside its own (an FID would read both): refused
-        assert ddpm.main(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "2", "--out-dir", str(out),
-                          "--device", "cpu"]) == 2
+        assert (
+            ddpm.main(
+                [
+                    "sample",
+                    "--ckpt",
+                    str(trained_run / "ckpt.pt"),
+                    "--num-samples",
+                    "2",
+                    "--out-dir",
+                    str(out),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 2
+        )
         assert sorted((out / "images").iterdir()) == files and torch.equal(read_png(files[0]), img)
         # one as large or larger replaces them all: allowed
-        assert ddpm.main(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "6", "--batch-size", "3",
-                          "--out-dir", str(out), "--sample-steps", "5", "--device", "cpu"]) == 0
+        assert (
+            ddpm.main(
+                [
+                    "sample",
+                    "--ckpt",
+                    str(trained_run / "ckpt.pt"),
+                    "--num-samples",
+                    "6",
+                    "--batch-size",
+                    "3",
+                    "--out-dir",
+                    str(out),
+                    "--sample-steps",
+                    "5",
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         assert len(list((out / "images").iterdir())) == 6
     else:
         arr = np.load(out / "samples.npz")["arr_0"]
@@ -851,13 +1106,37 @@ def test_sample_is_reproducible_uses_eval_mode_and_variance(trained_run, tmp_pat
     --variance reaches p_sample (fixedsmall gives other images)."""
     variances = []
     real_p_sample = ddpm.GaussianDiffusion.p_sample
-    monkeypatch.setattr(ddpm.GaussianDiffusion, "p_sample",
-                        lambda self, *a, **k: variances.append(a[-1]) or real_p_sample(self, *a, **k))
+    monkeypatch.setattr(
+        ddpm.GaussianDiffusion,
+        "p_sample",
+        lambda self, *a, **k: variances.append(a[-1]) or real_p_sample(self, *a, **k),
+    )
     arrays = []
     for k, extra in enumerate([[], [], ["--variance", "fixedsmall"]]):
         out = tmp_path / f"s{k}"
-        assert ddpm.main(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "3", "--format", "npz",
-                          "--out-dir", str(out), "--device", "cpu", "--seed", "7", "--sampler", "ddpm", *extra]) == 0
+        assert (
+            ddpm.main(
+                [
+                    "sample",
+                    "--ckpt",
+                    str(trained_run / "ckpt.pt"),
+                    "--num-samples",
+                    "3",
+                    "--format",
+                    "npz",
+                    "--out-dir",
+                    str(out),
+                    "--device",
+                    "cpu",
+                    "--seed",
+                    "7",
+                    "--sampler",
+                    "ddpm",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         arrays.append(np.load(out / "samples.npz")["arr_0"])
     assert np.array_equal(arrays[0], arrays[1]) and not np.array_equal(arrays[0], arrays[2])
     assert set(variances[:20]) == {"fixedlarge"} and set(variances[40:]) == {"fixedsmall"}
@@ -865,18 +1144,42 @@ def test_sample_is_reproducible_uses_eval_mode_and_variance(trained_run, tmp_pat
 
 def test_forward_picture_shows_q_sample_at_the_stated_steps(image_dir, tmp_path, capsys):
     """forward writes a row per image: x_0, then q_sample at the t it prints (T/10, ..., T) with one eps per row [Eq. 4]."""
-    assert ddpm.main(["forward", "--dataset", "folder", "--data-dir", str(image_dir), "--image-size", "8",
-                      "--num-images", "3", "--timesteps", "100", "--out-dir", str(tmp_path), "--seed", "5"]) == 0
+    assert (
+        ddpm.main(
+            [
+                "forward",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                str(image_dir),
+                "--image-size",
+                "8",
+                "--num-images",
+                "3",
+                "--timesteps",
+                "100",
+                "--out-dir",
+                str(tmp_path),
+                "--seed",
+                "5",
+            ]
+        )
+        == 0
+    )
     stated = [int(t) for t in capsys.readouterr().out.split("columns x_0 then t = ")[1].split(", ")]
     assert stated == list(range(10, 101, 10))
-    cells = grid_cells(read_png(tmp_path / "forward_process.png"), 3, 11, 8).float()  # (3, 11, 3, 8, 8)
+    cells = grid_cells(
+        read_png(tmp_path / "forward_process.png"), 3, 11, 8
+    ).float()  # (3, 11, 3, 8, 8)
     x_0 = ddpm.load_dataset("folder", image_dir, 8, 3).float() / 127.5 - 1
     torch.testing.assert_close(cells[:, 0], ((x_0 + 1) * 127.5).round(), atol=1, rtol=0)
     eps = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(5))
     betas, ac, _ = float64_schedule(100)
     for col, t in enumerate(stated, start=1):  # paper t -> code t - 1
         x_t = math.sqrt(ac[t - 1]) * x_0 + math.sqrt(1 - ac[t - 1]) * eps
-        torch.testing.assert_close(cells[:, col], ((x_t.clamp(-1, 1) + 1) * 127.5).round(), atol=1, rtol=0)
+        torch.testing.assert_close(
+            cells[:, col], ((x_t.clamp(-1, 1) + 1) * 127.5).round(), atol=1, rtol=0
+        )
 
 
 def test_grey_folder_gives_one_channel(tmp_path):
@@ -892,7 +1195,9 @@ def test_resume_is_bit_identical(image_dir, tmp_path):
     assert ddpm.main(train_flags(image_dir, tmp_path / "once", *common, "--max-steps", "13")) == 0
     assert ddpm.main(train_flags(image_dir, tmp_path / "twice", *common, "--max-steps", "7")) == 0
     assert state_of(tmp_path / "twice")["step"] == 7  # stopped in the middle of epoch 2
-    assert ddpm.main(train_flags(image_dir, tmp_path / "twice", "--resume", "--max-steps", "13")) == 0
+    assert (
+        ddpm.main(train_flags(image_dir, tmp_path / "twice", "--resume", "--max-steps", "13")) == 0
+    )
     a, b = state_of(tmp_path / "once"), state_of(tmp_path / "twice")
     assert a["step"] == b["step"] == 13
     for key in ("model", "ema"):
@@ -906,10 +1211,19 @@ def test_resume_is_bit_identical(image_dir, tmp_path):
 def test_resume_keeps_the_runs_flags_and_takes_typed_ones(image_dir, tmp_path):
     """--resume with only --out-dir takes the network, data and recipe from the checkpoint; a typed --max-steps applies."""
     out = tmp_path / "run"
-    assert ddpm.main(train_flags(image_dir, out, "--max-steps", "3", "--lr", "1e-3", "--sample-every", "0")) == 0
-    assert ddpm.main(["--resume", "--out-dir", str(out), "--max-steps", "6", "--device", "cpu"]) == 0
+    assert (
+        ddpm.main(
+            train_flags(image_dir, out, "--max-steps", "3", "--lr", "1e-3", "--sample-every", "0")
+        )
+        == 0
+    )
+    assert (
+        ddpm.main(["--resume", "--out-dir", str(out), "--max-steps", "6", "--device", "cpu"]) == 0
+    )
     ckpt = state_of(out)
-    assert ckpt["step"] == 6 and ckpt["config"]["lr"] == 1e-3 and ckpt["config"]["base_channels"] == 32
+    assert (
+        ckpt["step"] == 6 and ckpt["config"]["lr"] == 1e-3 and ckpt["config"]["base_channels"] == 32
+    )
     assert ckpt["config"]["data_dir"] == str(image_dir) and ckpt["config"]["max_steps"] == 6
 
 
@@ -919,11 +1233,45 @@ def test_resume_with_fp16_from_a_float32_run(image_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert ddpm.main(train_flags(image_dir, out, "--max-steps", "2", "--sample-every", "0")) == 0
     assert state_of(out)["scaler"] == {}
-    monkeypatch.setattr(ddpm, "setup_device", lambda args: (torch.device("cpu"), torch.float16 if args.amp == "fp16" else None))
-    assert ddpm.main(["--resume", "--out-dir", str(out), "--max-steps", "4", "--amp", "fp16", "--device", "cpu"]) == 0
+    monkeypatch.setattr(
+        ddpm,
+        "setup_device",
+        lambda args: (torch.device("cpu"), torch.float16 if args.amp == "fp16" else None),
+    )
+    assert (
+        ddpm.main(
+            [
+                "--resume",
+                "--out-dir",
+                str(out),
+                "--max-steps",
+                "4",
+                "--amp",
+                "fp16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ckpt = state_of(out)
     assert ckpt["step"] == 4 and ckpt["scaler"]["scale"] > 0 and ckpt["config"]["amp"] == "fp16"
-    assert ddpm.main(["--resume", "--out-dir", str(out), "--max-steps", "5", "--amp", "none", "--device", "cpu"]) == 0
+    assert (
+        ddpm.main(
+            [
+                "--resume",
+                "--out-dir",
+                str(out),
+                "--max-steps",
+                "5",
+                "--amp",
+                "none",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
 
 
 def test_ctrl_c_and_sigterm_save_a_loadable_checkpoint(image_dir, tmp_path, monkeypatch):
@@ -944,7 +1292,10 @@ def test_ctrl_c_and_sigterm_save_a_loadable_checkpoint(image_dir, tmp_path, monk
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     flags = train_flags(image_dir, tmp_path, "--epochs", "5", "--sample-every", "0")
     assert ddpm.main(flags) == 130 and state_of(tmp_path)["step"] == 3
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers restored
+    assert (
+        signal.getsignal(signal.SIGINT),
+        signal.getsignal(signal.SIGTERM),
+    ) == before  # handlers restored
     assert ddpm.main(flags + ["--resume"]) == 130 and state_of(tmp_path)["step"] == 6
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
     assert ddpm.main(flags + ["--resume"]) == 130
@@ -955,16 +1306,25 @@ def test_an_ignored_sigint_stays_ignored(image_dir, tmp_path, monkeypatch):
     """A run started with SIGINT ignored (a background job) keeps ignoring it: no handler is installed for it."""
     seen = []
     real_step = ddpm.train_step
-    monkeypatch.setattr(ddpm, "train_step", lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)) or real_step(*a, **k))
+    monkeypatch.setattr(
+        ddpm,
+        "train_step",
+        lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)) or real_step(*a, **k),
+    )
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        assert ddpm.main(train_flags(image_dir, tmp_path, "--max-steps", "1", "--sample-every", "0")) == 0
+        assert (
+            ddpm.main(train_flags(image_dir, tmp_path, "--max-steps", "1", "--sample-every", "0"))
+            == 0
+        )
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
+    image_dir, tmp_path, monkeypatch, capsys
+):
     """A NaN loss at step 4 stops the run, names the step, and leaves the step-2 checkpoint untouched."""
     real_losses, calls = ddpm.GaussianDiffusion.p_losses, []
 
@@ -974,13 +1334,22 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(image_dir, tmp_path
         return loss * float("nan") if len(calls) == 4 else loss
 
     monkeypatch.setattr(ddpm.GaussianDiffusion, "p_losses", nan_at_step_4)
-    code = ddpm.main(train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "2", "--log-every", "1"))
+    code = ddpm.main(
+        train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "2", "--log-every", "1")
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "at step 4" in err and "holds step 2" in err and len(err.strip().splitlines()) == 1
+    assert (
+        code == 2
+        and "at step 4" in err
+        and "holds step 2" in err
+        and len(err.strip().splitlines()) == 1
+    )
     assert state_of(tmp_path)["step"] == 2
 
 
-def test_infinite_gradient_stops_before_the_weights_reach_a_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
+def test_infinite_gradient_stops_before_the_weights_reach_a_checkpoint(
+    image_dir, tmp_path, monkeypatch, capsys
+):
     """A finite loss with an infinite gradient at step 3 (clipping turns it into NaN weights) stops the run like a NaN
     loss, even when the next save is due at once: ckpt.pt keeps step 2, with finite weights and EMA."""
     real_clip, calls = ddpm.nn.utils.clip_grad_norm_, []
@@ -993,14 +1362,20 @@ def test_infinite_gradient_stops_before_the_weights_reach_a_checkpoint(image_dir
         return real_clip(parameters, max_norm)
 
     monkeypatch.setattr(ddpm.nn.utils, "clip_grad_norm_", inf_gradient_at_step_3)
-    code = ddpm.main(train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "1", "--log-every", "4"))
+    code = ddpm.main(
+        train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "1", "--log-every", "4")
+    )
     err = capsys.readouterr().err
     assert code == 2 and "at step 3" in err and "holds step 2" in err
     ckpt = state_of(tmp_path)
-    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values())
+    assert ckpt["step"] == 2 and all(
+        torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values()
+    )
 
 
-def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(image_dir, tmp_path, monkeypatch, capsys):
+def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(
+    image_dir, tmp_path, monkeypatch, capsys
+):
     """A checkpoint that cannot be written ends the run with one line; the one before it stays whole. Resumed from it,
     the run redoes the steps after it, and log.csv keeps one row per step."""
     real_save, calls = torch.save, []
@@ -1009,17 +1384,31 @@ def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(im
         calls.append(1)
         if len(calls) == 2:
             Path(f).write_bytes(b"half a checkpoint")
-            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file"
+            )
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_on_second_save)
-    code = ddpm.main(train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "2", "--log-every", "1"))
+    code = ddpm.main(
+        train_flags(image_dir, tmp_path, "--epochs", "5", "--ckpt-every", "2", "--log-every", "1")
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "cannot write" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (
+        code == 2
+        and "cannot write" in err
+        and "--resume" in err
+        and len(err.strip().splitlines()) == 1
+    )
     assert state_of(tmp_path)["step"] == 2 and not (tmp_path / "ckpt.pt.tmp").exists()
     steps = [int(r.split(",")[0]) for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3]  # the failed save at step 4 comes before its row
-    assert ddpm.main(train_flags(image_dir, tmp_path, "--resume", "--max-steps", "6", "--sample-every", "0")) == 0
+    assert (
+        ddpm.main(
+            train_flags(image_dir, tmp_path, "--resume", "--max-steps", "6", "--sample-every", "0")
+        )
+        == 0
+    )
     steps = [int(r.split(",")[0]) for r in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5, 6]
 
@@ -1029,11 +1418,32 @@ def test_checkpoints_are_timed_saved_at_the_end(image_dir, tmp_path, monkeypatch
     a short run saves once; with a tiny --ckpt-minutes every step saves."""
     saves = []
     real_save = ddpm.save_checkpoint
-    monkeypatch.setattr(ddpm, "save_checkpoint", lambda path, state: saves.append(state["step"]) or real_save(path, state))
-    assert ddpm.main(train_flags(image_dir, tmp_path / "a", "--epochs", "2", "--sample-every", "0")) == 0
+    monkeypatch.setattr(
+        ddpm,
+        "save_checkpoint",
+        lambda path, state: saves.append(state["step"]) or real_save(path, state),
+    )
+    assert (
+        ddpm.main(train_flags(image_dir, tmp_path / "a", "--epochs", "2", "--sample-every", "0"))
+        == 0
+    )
     assert saves == [10]  # 2 epochs of 5 steps
     saves.clear()
-    assert ddpm.main(train_flags(image_dir, tmp_path / "b", "--max-steps", "3", "--ckpt-minutes", "1e-9", "--sample-every", "0")) == 0
+    assert (
+        ddpm.main(
+            train_flags(
+                image_dir,
+                tmp_path / "b",
+                "--max-steps",
+                "3",
+                "--ckpt-minutes",
+                "1e-9",
+                "--sample-every",
+                "0",
+            )
+        )
+        == 0
+    )
     assert saves == [1, 2, 3]
 
 
@@ -1058,76 +1468,136 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
     expect_error(run("--channel-mult", "1,x"), "--channel-mult", capsys=capsys)
     expect_error(run("--batch-size", "0"), "--batch-size", capsys=capsys)
     # numbers out of range, each caught before any work with the flag's name and what it must be
-    for flag, value, must in [("--channel-mult", "1,0", "positive"), ("--attn-resolutions", "-16", "positive"),
-                              ("--timesteps", "1", "at least 2"), ("--lr", "-1", "more than 0"),
-                              ("--lr", "nan", "more than 0"), ("--grad-clip", "0", "more than 0"),
-                              ("--ema-decay", "1", "below 1"), ("--dropout", "1.5", "below 1"),
-                              ("--warmup", "-5", "0 or more"), ("--max-steps", "-3", "0 or more"),
-                              ("--ckpt-every", "-1", "0 or more"), ("--ckpt-minutes", "-1", "0 or more"),
-                              ("--sample-every", "-1", "0 or more"), ("--eta", "-1", "0 or more"),
-                              ("--sample-steps", "1", "at least 2")]:
+    for flag, value, must in [
+        ("--channel-mult", "1,0", "positive"),
+        ("--attn-resolutions", "-16", "positive"),
+        ("--timesteps", "1", "at least 2"),
+        ("--lr", "-1", "more than 0"),
+        ("--lr", "nan", "more than 0"),
+        ("--grad-clip", "0", "more than 0"),
+        ("--ema-decay", "1", "below 1"),
+        ("--dropout", "1.5", "below 1"),
+        ("--warmup", "-5", "0 or more"),
+        ("--max-steps", "-3", "0 or more"),
+        ("--ckpt-every", "-1", "0 or more"),
+        ("--ckpt-minutes", "-1", "0 or more"),
+        ("--sample-every", "-1", "0 or more"),
+        ("--eta", "-1", "0 or more"),
+        ("--sample-steps", "1", "at least 2"),
+    ]:
         expect_error(run(flag, value), flag, must, capsys=capsys)
     expect_error(run("--sample-steps", "21"), "--sample-steps", "--timesteps 20", capsys=capsys)
     expect_error(["bench", "--sample-batch-size", "0"], "--sample-batch-size", capsys=capsys)
     expect_error(["forward", "--timesteps", "1"], "--timesteps", capsys=capsys)
-    expect_error(run("--data-dir", str(tmp_path / "missing")), "--data-dir", "not a folder", capsys=capsys)
+    expect_error(
+        run("--data-dir", str(tmp_path / "missing")), "--data-dir", "not a folder", capsys=capsys
+    )
     (tmp_path / "empty").mkdir()
-    expect_error(run("--data-dir", str(tmp_path / "empty")), "no .png/.jpg/.jpeg images", capsys=capsys)
+    expect_error(
+        run("--data-dir", str(tmp_path / "empty")), "no .png/.jpg/.jpeg images", capsys=capsys
+    )
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     expect_error(run("--out-dir", str(blocker / "out")), "--out-dir", "not writable", capsys=capsys)
     expect_error(["sample", "--ckpt", str(tmp_path / "none.pt")], "does not exist", capsys=capsys)
     data = (trained_run / "ckpt.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    expect_error(["sample", "--ckpt", str(tmp_path / "cut.pt")], "cannot load", "truncated", capsys=capsys)
+    expect_error(
+        ["sample", "--ckpt", str(tmp_path / "cut.pt")], "cannot load", "truncated", capsys=capsys
+    )
     torch.save({"state_dict": torch.zeros(2)}, tmp_path / "other.pt")
-    expect_error(["sample", "--ckpt", str(tmp_path / "other.pt")], "not a ddpm.py checkpoint", capsys=capsys)
+    expect_error(
+        ["sample", "--ckpt", str(tmp_path / "other.pt")], "not a ddpm.py checkpoint", capsys=capsys
+    )
     (tmp_path / "text.pt").write_text("hello")
     expect_error(["sample", "--ckpt", str(tmp_path / "text.pt")], "cannot load", capsys=capsys)
-    expect_error(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--sampler", "ddim", "--sample-steps", "50"],
-                 "--sample-steps", capsys=capsys)
+    expect_error(
+        [
+            "sample",
+            "--ckpt",
+            str(trained_run / "ckpt.pt"),
+            "--sampler",
+            "ddim",
+            "--sample-steps",
+            "50",
+        ],
+        "--sample-steps",
+        capsys=capsys,
+    )
     # an existing run is never overwritten, and a resume may not change the network
     expect_error(train_flags(image_dir, trained_run), "exists", "--resume", capsys=capsys)
     before = (trained_run / "ckpt.pt").read_bytes()
-    expect_error(train_flags(image_dir, trained_run, "--resume", "--base-channels", "64"),
-                 "--base-channels 64 contradicts the checkpoint's 32", capsys=capsys)
+    expect_error(
+        train_flags(image_dir, trained_run, "--resume", "--base-channels", "64"),
+        "--base-channels 64 contradicts the checkpoint's 32",
+        capsys=capsys,
+    )
     assert (trained_run / "ckpt.pt").read_bytes() == before
 
 
 def test_wandb_without_the_package_is_a_clear_error(image_dir, tmp_path, monkeypatch, capsys):
     """--wandb without wandb installed ends with one line saying how to install it, before any work."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes "import wandb" fail, installed or not
-    expect_error(train_flags(image_dir, tmp_path / "w", "--wandb"), "pip install wandb", capsys=capsys)
+    expect_error(
+        train_flags(image_dir, tmp_path / "w", "--wandb"), "pip install wandb", capsys=capsys
+    )
     assert not (tmp_path / "w").exists()
 
 
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
     """Without internet, --dataset cifar10 ends with one line pointing to the files or to --dataset folder."""
+
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    expect_error(["--data-dir", str(tmp_path), "--device", "cpu", "--out-dir", str(tmp_path / "o")],
-                 "could not get cifar10", "--dataset folder", capsys=capsys)
+    expect_error(
+        ["--data-dir", str(tmp_path), "--device", "cpu", "--out-dir", str(tmp_path / "o")],
+        "could not get cifar10",
+        "--dataset folder",
+        capsys=capsys,
+    )
 
 
 def test_out_of_gpu_memory_names_the_batch_flag(trained_run, tmp_path, monkeypatch, capsys):
     """A batch too big for the GPU ends with one line saying which flag to lower, not a traceback."""
+
     def too_big(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
     monkeypatch.setattr(ddpm, "run_sampler", too_big)
-    expect_error(["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--device", "cpu", "--out-dir", str(tmp_path)],
-                 "out of GPU memory", "--batch-size", capsys=capsys)
+    expect_error(
+        [
+            "sample",
+            "--ckpt",
+            str(trained_run / "ckpt.pt"),
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        "out of GPU memory",
+        "--batch-size",
+        capsys=capsys,
+    )
 
 
 def test_failed_compile_names_the_flag(image_dir, tmp_path, monkeypatch, capsys):
     """--compile on a machine where inductor cannot build its kernels (no C compiler, say) ends with
     one line naming --compile and the way out, not a traceback."""
+
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", no_compiler)  # imports the module
     torch._dynamo.reset()
-    expect_error(train_flags(image_dir, tmp_path / "run", "--compile", "default", "--max-steps", "2"),
-                 "--compile failed", "C compiler", "run without --compile", capsys=capsys)
+    expect_error(
+        train_flags(image_dir, tmp_path / "run", "--compile", "default", "--max-steps", "2"),
+        "--compile failed",
+        "C compiler",
+        "run without --compile",
+        capsys=capsys,
+    )
     torch._dynamo.reset()
 
 
@@ -1146,13 +1616,32 @@ def test_help_documents_every_flag():
 def test_bench_on_a_cpu_says_what_it_measured(capsys, monkeypatch):
     """bench on a CPU names the CPU defaults it took for the flags not typed, prints training and sampling images/s,
     and with --profile the operators of the profiled steps (convolutions among them)."""
-    flags = ["bench", "--image-size", "8", "--attn-resolutions", "4", "--timesteps", "20", "--model", "res",
-             "--steps", "2", "--warmup-steps", "1", "--device", "cpu"]
+    flags = [
+        "bench",
+        "--image-size",
+        "8",
+        "--attn-resolutions",
+        "4",
+        "--timesteps",
+        "20",
+        "--model",
+        "res",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
     assert ddpm.main([*flags, "--profile", "2"]) == 0
     out = capsys.readouterr().out
-    assert "CPU defaults for the flags not typed: --base-channels 32 --channel-mult 1,2 --num-res-blocks 1 " \
-           "--batch-size 32 --sample-batch-size 32" in out
-    assert "bench: res, 635,427 parameters, 8x8" in out  # the CPU defaults' network, at the typed size
+    assert (
+        "CPU defaults for the flags not typed: --base-channels 32 --channel-mult 1,2 --num-res-blocks 1 "
+        "--batch-size 32 --sample-batch-size 32" in out
+    )
+    assert (
+        "bench: res, 635,427 parameters, 8x8" in out
+    )  # the CPU defaults' network, at the typed size
     for row in ("train", "sample"):
         line = next(line for line in out.splitlines() if line.startswith(row))
         assert line.split()[1] == "32" and float(line.split()[2].replace(",", "")) > 0
@@ -1163,7 +1652,9 @@ def test_bench_on_a_cpu_says_what_it_measured(capsys, monkeypatch):
 def ddp_worker(rank, world, ports, image_dir, root):
     """One of two torchrun-style processes (Gloo): the DDP scenarios one after the other, each in its own process
     group; what each returned and printed goes to root/rank{rank}.pt."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     results, real_step, real_torch_save = {}, ddpm.train_step, torch.save
 
@@ -1177,14 +1668,24 @@ def ddp_worker(rank, world, ports, image_dir, root):
             if fault == "signal" and (rank, len(calls)) == (1, 2):  # rank 1 alone is told to stop
                 signal.raise_signal(signal.SIGTERM)
             return out
+
         ddpm.train_step = step
         torch.save = real_torch_save
-        if fault == "disk" and rank == 0:  # the checkpoint file only: pickling tensors for Gloo uses torch.save too
-            torch.save = lambda obj, f, *a, **k: real_torch_save(obj, f, *a, **k) if isinstance(f, io.IOBase) else (
-                _ for _ in ()).throw(OSError(28, "No space left on device"))
+        if (
+            fault == "disk" and rank == 0
+        ):  # the checkpoint file only: pickling tensors for Gloo uses torch.save too
+            torch.save = lambda obj, f, *a, **k: (
+                real_torch_save(obj, f, *a, **k)
+                if isinstance(f, io.IOBase)
+                else (_ for _ in ()).throw(OSError(28, "No space left on device"))
+            )
         err, out = io.StringIO(), io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            code = ddpm.main(train_flags(image_dir, root / name, "--sample-every", "0", "--max-steps", "6", *extra))
+            code = ddpm.main(
+                train_flags(
+                    image_dir, root / name, "--sample-every", "0", "--max-steps", "6", *extra
+                )
+            )
         results[name] = (code, err.getvalue(), len(calls))
         ddpm.train_step, torch.save = real_step, real_torch_save
 
@@ -1216,7 +1717,11 @@ def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir
     assert state_of(tmp_path / "signal")["step"] == 10
     assert r0["signal"][1].count("stopped at step 10: saved") == 1 and r1["signal"][1] == ""
     assert r0["disk"][0] == r1["disk"][0] == 2 and r0["disk"][2] == r1["disk"][2] == 2
-    assert "No space left on device" in r0["disk"][1] and len(r0["disk"][1].strip().splitlines()) == 1 and r1["disk"][1] == ""
+    assert (
+        "No space left on device" in r0["disk"][1]
+        and len(r0["disk"][1].strip().splitlines()) == 1
+        and r1["disk"][1] == ""
+    )
     assert not (tmp_path / "disk" / "ckpt.pt").exists()
 
 
@@ -1248,7 +1753,7 @@ def readme_commands(text):
             for part in line.split(" #")[0].split("&&"):
                 tokens = shlex.split(part)
                 if "ddpm.py" in tokens:
-                    commands.append(tokens[tokens.index("ddpm.py") + 1:])
+                    commands.append(tokens[tokens.index("ddpm.py") + 1 :])
     for inline in re.findall(r"`python ddpm\.py([^`]*)`", text.replace("\n", " ")):
         commands.append(shlex.split(inline))
     return commands
@@ -1265,7 +1770,9 @@ def test_readme_commands_parse_and_pictures_exist():
                 ddpm.parse_args(argv)
             assert done.value.code == 0
         else:
-            ddpm.parse_args(argv)  # raises UserError (one line) for any flag or value it does not take
+            ddpm.parse_args(
+                argv
+            )  # raises UserError (one line) for any flag or value it does not take
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text) + re.findall(r'<img src="([^"]+)"', text)
     assert len(pictures) >= 3
     for path in pictures:

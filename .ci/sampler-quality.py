@@ -27,22 +27,43 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ddpm  # noqa: E402
 
-RUNS = [("ddpm", None), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpm++", 10), ("dpm++", 20), ("dpm++", 50)]
+RUNS = [
+    ("ddpm", None),
+    ("ddim", 10),
+    ("ddim", 20),
+    ("ddim", 50),
+    ("dpm++", 10),
+    ("dpm++", 20),
+    ("dpm++", 50),
+]
 
 
 def images(name, data_dir, size, train):
     """The dataset's images as ddpm.py trains on them: padded to 32x32, resized; floats in [-1, 1]."""
     ds = getattr(torchvision.datasets, name)(data_dir, train=train, download=True)
     x = F.pad(torch.as_tensor(ds.data)[:, None], (2, 2, 2, 2))
-    x = torchvision.transforms.functional.resize(x, [size, size], antialias=True) if size != 32 else x
+    x = (
+        torchvision.transforms.functional.resize(x, [size, size], antialias=True)
+        if size != 32
+        else x
+    )
     return x.float() / 127.5 - 1, torch.as_tensor(ds.targets)
 
 
 class Classifier(nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1),
-                                  nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(1024, 128), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(1024, 128),
+            nn.ReLU(),
+        )
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
@@ -82,25 +103,58 @@ def main():
             F.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
     with torch.no_grad():
-        accuracy = (torch.cat([net(b) for b in x_test.split(500)]).argmax(1) == y_test).float().mean().item()
+        accuracy = (
+            (torch.cat([net(b) for b in x_test.split(500)]).argmax(1) == y_test)
+            .float()
+            .mean()
+            .item()
+        )
     print(f"classifier: {accuracy:.1%} test accuracy after {time.time() - t0:.0f} s")
     reference = features(net, x_test)
     perm, n = torch.randperm(len(x)), args.num_samples
-    rows = [f"| real training images, set {k + 1} | - | - | {frechet(features(net, x[perm[k * n:(k + 1) * n]]), reference):.2f} |"
-            for k in range(2)]
+    rows = [
+        f"| real training images, set {k + 1} | - | - | {frechet(features(net, x[perm[k * n : (k + 1) * n]]), reference):.2f} |"
+        for k in range(2)
+    ]
     for sampler, steps in RUNS:
         out = Path(args.out_dir) / f"{sampler}-{steps or cfg['timesteps']}"
-        argv = ["sample", "--ckpt", args.ckpt, "--num-samples", str(args.num_samples), "--batch-size", "500",
-                "--format", "npz", "--out-dir", str(out), "--sampler", sampler, "--device", "cpu", "--seed", "0"]
+        argv = [
+            "sample",
+            "--ckpt",
+            args.ckpt,
+            "--num-samples",
+            str(args.num_samples),
+            "--batch-size",
+            "500",
+            "--format",
+            "npz",
+            "--out-dir",
+            str(out),
+            "--sampler",
+            sampler,
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+        ]
         t0 = time.time()
         assert ddpm.main(argv + (["--sample-steps", str(steps)] if steps else [])) == 0
         seconds = time.time() - t0
-        arr = torch.from_numpy(np.load(out / "samples.npz")["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        arr = (
+            torch.from_numpy(np.load(out / "samples.npz")["arr_0"]).permute(0, 3, 1, 2).float()
+            / 127.5
+            - 1
+        )
         fd = frechet(features(net, arr), reference)
         rows.append(f"| {sampler} | {steps or cfg['timesteps']} | {seconds:.0f} | {fd:.2f} |")
         print(rows[-1], flush=True)
-    print(f"\n{args.num_samples} samples from {args.ckpt}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    print("| sampler | steps | seconds | FD to the test set |\n|---|---:|---:|---:|\n" + "\n".join(rows))
+    print(
+        f"\n{args.num_samples} samples from {args.ckpt}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    )
+    print(
+        "| sampler | steps | seconds | FD to the test set |\n|---|---:|---:|---:|\n"
+        + "\n".join(rows)
+    )
 
 
 if __name__ == "__main__":
