@@ -42,16 +42,21 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
 
 Section map
     Part I   the diffusion process: linear_beta_schedule, extract, GaussianDiffusion
-    Part II  the networks: the blocks, ResAttUNet (the paper's network), its ablations ResUNet, ConvUNet
-    Part III training and sampling: train_step (Alg. 1), train_loop, p_sample_loop (Alg. 2); the banner
+    Part II  the networks: the blocks, ResAttUNet (the paper's network), its ablations ResUNet and
+             ConvUNet
+    Part III training and sampling: train_step (Alg. 1), train_iteration, train_loop,
+             p_sample_loop (Alg. 2); the banner
     Extras   cosine_beta_schedule, ddim_sample_loop, dpm_solver_sample_loop
     Engineering: progress lines, data, checkpoints, the commands (train, sample, forward, bench,
              compare), the command line
 """
 
 import argparse
+import contextlib
 import copy
 import csv
+import dataclasses
+import functools
 import math
 import os
 import signal
@@ -68,7 +73,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torchvision.utils import save_image
 
 
@@ -100,8 +104,8 @@ def extract(a, t, x_shape):
 # --- The forward process q and one step of the reverse process p_theta  [Sec. 2-3, Eq. 1-15] -----
 class GaussianDiffusion(nn.Module):
     """The fixed forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and the
-    learned reverse process p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) [Eq. 1-2].
-    No learned parameters: the schedule as float32 buffers (computed in float64), which `.to(device)`
+    learned reverse process p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) [Eq. 1-2]. No
+    learned parameters: the schedule as float32 buffers (computed in float64), which `.to(device)`
     moves. `model` is any callable model(x_t, t) -> eps_pred, t a (B,) LongTensor. Uses: extract."""
 
     def __init__(self, betas):
@@ -116,31 +120,27 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         # alpha_bar_{t-1}, with alpha_bar_0 = 1 before the first step
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        ac, ac_prev = alphas_cumprod, alphas_cumprod_prev  # short names for the formulas below
         buffers = {  # each glossed with its symbol and the code that reads it
             "betas": betas,  # beta_t; p_sample (Eq. 11, and sigma_t^2 = beta_t)
-            "alphas_cumprod": alphas_cumprod,  # alpha_bar_t; the fast samplers after the banner
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),  # sqrt(alpha_bar_t); q_sample
-            "sqrt_one_minus_alphas_cumprod": (
-                1.0 - alphas_cumprod
-            ).sqrt(),  # sqrt(1 - alpha_bar_t); q_sample, p_sample
+            "alphas_cumprod": ac,  # alpha_bar_t; the fast samplers after the banner
+            "sqrt_alphas_cumprod": ac.sqrt(),  # sqrt(alpha_bar_t); q_sample
+            "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),  # sqrt(1 - alpha_bar_t); q_sample
             "sqrt_recip_alphas": alphas.rsqrt(),  # 1 / sqrt(alpha_t); p_sample (Eq. 11)
-            "sqrt_recip_alphas_cumprod": alphas_cumprod.rsqrt(),  # sqrt(1 / alpha_bar_t); predict_x0_from_eps
-            "sqrt_recipm1_alphas_cumprod": (
-                1.0 / alphas_cumprod - 1.0
-            ).sqrt(),  # sqrt(1 / alpha_bar_t - 1); the same
-            # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1; q_posterior, p_sample
-            "posterior_variance": betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            # beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t): the weight of x_0 in mu_tilde [Eq. 7]; q_posterior
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            # (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t): the weight of x_t in mu_tilde; q_posterior
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
-            * alphas.sqrt()
-            / (1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": ac.rsqrt(),  # sqrt(1 / alpha_bar_t); predict_x0_from_eps
+            "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1.0).sqrt(),  # sqrt(1 / alpha_bar_t - 1)
+            # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1;
+            # q_posterior, p_sample
+            "posterior_variance": betas * (1.0 - ac_prev) / (1.0 - ac),
+            # beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t): the weight of x_0 in mu_tilde
+            # [Eq. 7]; q_posterior
+            "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
+            # (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t): the weight of x_t in
+            # mu_tilde [Eq. 7]; q_posterior
+            "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
         }
-        for (
-            name,
-            value,
-        ) in buffers.items():  # float32, moved by .to(device), rebuilt rather than saved
+        # float32, moved by .to(device), rebuilt rather than saved
+        for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
 
     def q_sample(self, x_0, t, noise=None):
@@ -162,7 +162,8 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (B,), device=self.betas.device)
         if noise is None:
             noise = torch.randn_like(x_0)  # Alg. 1, line 4: eps ~ N(0, I)
-        # the argument of eps_theta in Alg. 1, line 5: sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps
+        # the argument of eps_theta in Alg. 1, line 5:
+        # sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
         x_t = self.q_sample(x_0, t, noise)
         eps_pred = model(x_t, t)
         # Alg. 1, line 5: || eps - eps_theta(x_t, t) ||^2, averaged over pixels and batch
@@ -177,8 +178,8 @@ class GaussianDiffusion(nn.Module):
         )
 
     def q_posterior(self, x_0, x_t, t):
-        """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) [Eq. 6-7].
-        Returns (mean, variance), the variance shaped (B, 1, 1, 1)."""
+        """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) [Eq.
+        6-7]. Returns (mean, variance), the variance shaped (B, 1, 1, 1)."""
         # mu_tilde_t = coef1 * x_0 + coef2 * x_t  [Eq. 7]
         mean = (
             extract(self.posterior_mean_coef1, t, x_t.shape) * x_0
@@ -221,10 +222,11 @@ class GaussianDiffusion(nn.Module):
 # =============================================================================
 # --- Building blocks  [App. B: "a U-Net backbone similar to an unmasked PixelCNN++"] -------------
 def timestep_embedding(t, dim):
-    """The sinusoidal embedding of the step [Sec. 4: "the Transformer sinusoidal position embedding"],
-    (B,) -> (B, dim), as the official code computes it, which differs from Vaswani et al. (it says so too):
-    frequencies 10000^(-i / (half - 1)), i = 0..half-1, not 10000^(-2i / dim), and the sines fill the
-    first half of the channels and the cosines the second, rather than alternating."""
+    """The sinusoidal embedding of the step [Sec. 4: "the Transformer sinusoidal position
+    embedding"], (B,) -> (B, dim), as the official code computes it, which differs from Vaswani et
+    al. (it says so too): frequencies 10000^(-i / (half - 1)), i = 0..half-1, not 10000^(-2i / dim),
+    and the sines fill the first half of the channels and the cosines the second, rather than
+    alternating."""
     half = dim // 2
     # frequencies 10000^(-i / (half - 1)) for i = 0..half-1
     freqs = torch.exp(
@@ -242,14 +244,15 @@ def init_(layer, scale=1.0):
     return layer
 
 
-def Normalize(channels):
+def group_norm(channels):
     """GroupNorm with 32 groups, the paper's replacement for weight normalisation [App. B]."""
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(C)) v over the keys (each query's weights sum to 1): (..., N, C) -> (..., N, C).
-    AttnBlock has F.scaled_dot_product_attention compute exactly this in one fused kernel (tested equal)."""
+    """softmax(q k^T / sqrt(C)) v over the keys (each query's weights sum to 1): (..., N, C) ->
+    (..., N, C). AttnBlock has F.scaled_dot_product_attention compute exactly this in one fused
+    kernel (tested equal)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., N queries, N keys)
     return scores.softmax(dim=-1) @ v  # (..., N, C)
 
@@ -260,10 +263,10 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, temb_ch, dropout):
         super().__init__()
-        self.norm1 = Normalize(in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = init_(nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.temb_proj = init_(nn.Linear(temb_ch, out_ch))  # per-channel bias from the time step
-        self.norm2 = Normalize(out_ch)
+        self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = init_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
 
@@ -274,8 +277,9 @@ class ConvBlock(nn.Module):
 
 
 class ResBlock(ConvBlock):
-    """The paper's residual block: x + F(x), F a ConvBlock (He et al. 2016), with a 1x1 conv on the shortcut
-    when the channels change. F's last conv starts at zero: every block starts as the identity [official code]."""
+    """The paper's residual block: x + F(x), F a ConvBlock (He et al. 2016), with a 1x1 conv on the
+    shortcut when the channels change. F's last conv starts at zero: every block starts as the
+    identity [official code]."""
 
     def __init__(self, in_ch, out_ch, temb_ch, dropout):
         super().__init__(in_ch, out_ch, temb_ch, dropout)
@@ -292,7 +296,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.norm = Normalize(ch)
+        self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)  # q, k and v: three 1x1 convs computed as one
         for w in self.qkv.weight.chunk(3):  # each initialised as its own C x C layer, as the
             nn.init.xavier_uniform_(w)  # official code's three are (fan_avg over C and C, not 3C)
@@ -308,17 +312,19 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-def Downsample(ch):
+class Downsample(nn.Sequential):
     """Halve the resolution with a stride-2 3x3 conv [App. B], padded at the right and bottom only:
     TensorFlow's "SAME" padding for a stride-2 conv, as the paper's code has. (B, C, H/2, W/2)."""
-    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), init_(nn.Conv2d(ch, ch, 3, stride=2)))
+
+    def __init__(self, ch):
+        super().__init__(nn.ZeroPad2d((0, 1, 0, 1)), init_(nn.Conv2d(ch, ch, 3, stride=2)))
 
 
-def Upsample(ch):
+class Upsample(nn.Sequential):
     """Double the resolution: nearest-neighbour x2, then a 3x3 conv [App. B]. (B, C, 2H, 2W)."""
-    return nn.Sequential(
-        nn.Upsample(scale_factor=2.0, mode="nearest"), init_(nn.Conv2d(ch, ch, 3, padding=1))
-    )
+
+    def __init__(self, ch):
+        super().__init__(nn.Upsample(scale_factor=2.0), init_(nn.Conv2d(ch, ch, 3, padding=1)))
 
 
 # --- The paper's network, then the two ablations of the three-model experiment  [App. B] ---------
@@ -327,12 +333,13 @@ def Upsample(ch):
 
 
 class ResAttUNet(nn.Module):
-    """The paper's CIFAR-10 network eps_theta(x_t, t): 35,746,307 parameters at the defaults.
-    A UNet over len(channel_mult) levels (32, 16, 8 and 4 pixels by default). Going down, each level
-    runs num_res_blocks residual blocks, with self-attention after each at the attn_resolutions, then
+    """The paper's CIFAR-10 network eps_theta(x_t, t): 35,746,307 parameters at the defaults. A UNet
+    over len(channel_mult) levels (32, 16, 8 and 4 pixels by default). Going down, each level runs
+    num_res_blocks residual blocks, with self-attention after each at the attn_resolutions, then
     halves the resolution; the middle runs block, attention, block; going up, each level runs
-    num_res_blocks + 1 blocks, each fed the running features joined with one saved skip, then doubles
-    the resolution. Every block sees the time embedding. `block` and `attention` serve the ablations."""
+    num_res_blocks + 1 blocks, each fed the running features joined with one saved skip, then
+    doubles the resolution. Every block sees the time embedding. `block` and `with_attention` serve
+    the ablations."""
 
     def __init__(
         self,
@@ -344,7 +351,7 @@ class ResAttUNet(nn.Module):
         dropout=0.1,
         image_size=32,
         block=ResBlock,
-        attention=True,
+        with_attention=True,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]  # channels at each level
@@ -373,7 +380,9 @@ class ResAttUNet(nn.Module):
         def stage(
             in_ch, out_ch, res
         ):  # one step of a level: a block, then attention where the resolution has it
-            attn = AttnBlock(out_ch) if attention and res in attn_resolutions else nn.Identity()
+            attn = (
+                AttnBlock(out_ch) if with_attention and res in attn_resolutions else nn.Identity()
+            )
             return nn.ModuleList([block(in_ch, out_ch, temb_ch, dropout), attn])
 
         # Down: every stage output and every downsampled map is a skip the up path will take
@@ -391,7 +400,7 @@ class ResAttUNet(nn.Module):
                 res //= 2
         # Middle, at the lowest resolution: block, attention, block
         self.mid_block1 = block(ch, ch, temb_ch, dropout)
-        self.mid_attn = AttnBlock(ch) if attention else nn.Identity()
+        self.mid_attn = AttnBlock(ch) if with_attention else nn.Identity()
         self.mid_block2 = block(ch, ch, temb_ch, dropout)
         # Up: num_res_blocks + 1 stages per level, each joining one skip
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
@@ -404,7 +413,7 @@ class ResAttUNet(nn.Module):
                 self.upsample.append(Upsample(ch))
                 res *= 2
         assert not skips, "every skip is taken exactly once"
-        self.norm_out = Normalize(ch)
+        self.norm_out = group_norm(ch)
         self.conv_out = init_(nn.Conv2d(ch, in_channels, 3, padding=1), scale=0.0)  # zero init
 
     def forward(self, x, t):
@@ -432,17 +441,17 @@ class ResUNet(ResAttUNet):
     parameters at the defaults. The original project's "Residual UNet"."""
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs, attention=False)
+        super().__init__(**kwargs, with_attention=False)
 
 
 class ConvUNet(ResAttUNet):
-    """ResUNet without the blocks' shortcuts: plain ConvBlocks, not zero-initialised (that would cut the
-    signal): 32,866,947 parameters at the defaults. The original project's "Conv UNet". The UNet's skips
-    still reach the up path (conv_in's output the last block), but within a block the signal and the
-    gradient pass through both convolutions with no way around them."""
+    """ResUNet without the blocks' shortcuts: plain ConvBlocks, not zero-initialised (that would cut
+    the signal): 32,866,947 parameters at the defaults. The original project's "Conv UNet". The
+    UNet's skips still reach the up path (conv_in's output the last block), but within a block the
+    signal and the gradient pass through both convolutions with no way around them."""
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs, attention=False, block=ConvBlock)
+        super().__init__(**kwargs, with_attention=False, block=ConvBlock)
 
 
 MODELS = {"conv": ConvUNet, "res": ResUNet, "res_att": ResAttUNet}  # the names --model takes
@@ -457,10 +466,24 @@ def count_parameters(model):
 # Part III. Training and sampling  [Alg. 1, Alg. 2; Sec. 4; App. B]
 # =============================================================================
 # --- Training  [Alg. 1; App. B: Adam 2e-4, warm-up, gradient clipping, EMA 0.9999, flips] --------
+def batch_indices(n, batch_size, step, seed=0):
+    """Which of the n training images make the batch of training step `step` (from 0): each epoch
+    walks a random permutation of them that depends only on (seed, epoch), in whole batches."""
+    # NOTE(paper): an epoch is n // batch_size full batches; the rest of the permutation is dropped
+    epoch, i = divmod(step, n // batch_size)
+    return epoch_permutation(n, seed + epoch)[i * batch_size : (i + 1) * batch_size]  # (B,)
+
+
+@functools.lru_cache(maxsize=1)  # one permutation per epoch, not one per step
+def epoch_permutation(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))  # (n,)
+
+
 def get_batch(data, idx, flip):
     """Alg. 1, line 2: x_0 ~ q(x_0). The uint8 images data[idx] as floats in [-1, 1] [Sec. 4], each
-    mirrored with probability 1/2 when flip is set (the paper's random flips for CIFAR-10) [App. B]."""
-    x_0 = data[idx].float() / 127.5 - 1.0  # (B, C, H, W), {0..255} -> [-1, 1]
+    mirrored with probability 1/2 when flip is set (the paper's random flips for CIFAR-10) [App.
+    B]."""
+    x_0 = data[idx.to(data.device)].float() / 127.5 - 1.0  # (B, C, H, W), {0..255} -> [-1, 1]
     if flip:
         mirror = torch.rand(x_0.shape[0], 1, 1, 1, device=x_0.device) < 0.5  # (B, 1, 1, 1)
         x_0 = torch.where(mirror, x_0.flip(3), x_0)
@@ -470,29 +493,27 @@ def get_batch(data, idx, flip):
 def make_optimizer(net, lr=2e-4, warmup=5000):
     """Adam with default betas and no weight decay, and the official code's linear learning-rate
     warm-up: lr * min(n / warmup, 1) at step n [App. B]. Returns (optimizer, scheduler)."""
-    optimizer = torch.optim.Adam(
-        net.parameters(), lr=lr, fused=next(net.parameters()).is_cuda
-    )  # fused: 1 kernel on a GPU
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda n: min(1.0, n / warmup) if warmup else 1.0
-    )
-    return optimizer, scheduler
+    fused = next(net.parameters()).is_cuda  # one kernel for all parameters on a GPU
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
+    warm_up = lambda n: min(1.0, n / warmup) if warmup else 1.0  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_up)
 
 
+@torch.no_grad()
 def ema_update(ema, net, step, decay=0.9999):
-    """The exponential moving average of the weights that samples are drawn from [App. B]:
-    ema = d * ema + (1 - d) * net, parameter by parameter, at training step `step` (from 0)."""
+    """The exponential moving average of the weights that samples are drawn from [App. B],
+    parameter by parameter, at training step `step` (from 0)."""
     # NOTE(paper): the decay warms up as (1 + n) / (10 + n) before reaching 0.9999, so that a
     # short run's EMA is not an average over mostly random initial weights
     d = min(decay, (1 + step) / (10 + step))
-    # torch's own EMA update: one fused lerp ema += (1 - d) (net - ema) over all parameters
-    get_ema_multi_avg_fn(d)(list(ema.parameters()), list(net.parameters()), None)
+    for ema_p, net_p in zip(ema.parameters(), net.parameters()):
+        ema_p.lerp_(net_p, 1 - d)  # ema = d * ema + (1 - d) * net
 
 
 def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None):
-    """One iteration of Algorithm 1 on the batch x_0, with the official code's gradient clipping. scaler: a
-    torch.amp.GradScaler (a pass-through unless enabled, for float16); amp: the autocast dtype (None:
-    float32). Returns (loss, grad_norm), tensors that nothing here waits for."""
+    """Algorithm 1, lines 3-5 on the batch x_0, with the official code's gradient clipping. scaler:
+    a torch.amp.GradScaler (a pass-through unless enabled, for float16); amp: the autocast dtype
+    (None: float32). Returns (loss, grad_norm), tensors that nothing here waits for."""
     with torch.autocast(x_0.device.type, dtype=amp, enabled=amp is not None):
         loss = diffusion.p_losses(model, x_0)  # Alg. 1, lines 3-5: t, eps and L_simple
     scaler.scale(loss).backward()  # Alg. 1, line 5: the gradient of L_simple
@@ -504,19 +525,57 @@ def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None
     return loss.detach(), grad_norm
 
 
-def train_loop(net, diffusion, data, steps, batch_size=128, lr=2e-4, warmup=5000, flip=True):
-    """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps; returns the EMA
-    copy of its weights, to sample from. The command line runs these steps with its operations around them."""
+@dataclasses.dataclass
+class Training:
+    """What Algorithm 1 updates from one step to the next, and the recipe it follows [App. B]."""
+
+    net: nn.Module  # eps_theta: the weights that Adam updates
+    ema: nn.Module  # their moving average: what samples are drawn from
+    optimizer: torch.optim.Optimizer  # Adam
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # the learning-rate warm-up
+    scaler: torch.amp.GradScaler  # float16's loss scaling; a pass-through otherwise
+    model: nn.Module  # what the step calls: net (after the banner: net compiled, or in DDP)
+    batch_size: int = 128
+    flip: bool = True  # random horizontal flips
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    seed: int = 0  # of the data order
+    amp: torch.dtype = None  # autocast's dtype; None: float32
+
+
+def make_training(net, lr=2e-4, warmup=5000, amp=None, **recipe):
+    """A Training for net: an EMA copy of it, Adam with its warm-up, and a gradient scaler that
+    is enabled for float16 only."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(net, lr, warmup)
-    scaler = torch.amp.GradScaler(data.device.type, enabled=False)  # float32: a pass-through
+    device = next(net.parameters()).device.type
+    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
+    return Training(net, ema, optimizer, scheduler, scaler, net, amp=amp, **recipe)
+
+
+def train_iteration(run, diffusion, data, step, rank=0, world=1):
+    """One iteration of Algorithm 1 at training step `step` (from 0): the batch, the gradient step,
+    the warm-up and the EMA. data: the uint8 training images (N, C, H, W). With world > 1 processes
+    (after the banner), each takes its rank's share of the batch. Returns (loss, grad_norm)."""
+    idx = batch_indices(len(data), run.batch_size, step, run.seed).tensor_split(world)[rank]
+    x_0 = get_batch(data, idx, run.flip)  # Alg. 1, line 2
+    loss, grad_norm = train_step(  # Alg. 1, lines 3-5
+        run.model, diffusion, run.optimizer, run.scaler, x_0, run.grad_clip, run.amp
+    )
+    run.scheduler.step()
+    ema_update(run.ema, run.net, step, run.ema_decay)
+    return loss, grad_norm
+
+
+def train_loop(net, diffusion, data, steps, lr=2e-4, warmup=5000, **recipe):
+    """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps, with
+    the recipe of Training; returns the EMA copy of its weights, to sample from. The command line
+    runs the same iterations, with its operations (checkpoints, logs) between them."""
+    run = make_training(net, lr, warmup, **recipe)
     net.train()
     for step in range(steps):  # Alg. 1, line 1: repeat
-        x_0 = get_batch(data, torch.randint(0, len(data), (batch_size,), device=data.device), flip)
-        train_step(net, diffusion, optimizer, scaler, x_0)  # Alg. 1, lines 2-5
-        scheduler.step()
-        ema_update(ema, net, step)
-    return ema  # until converged: 800k steps for the paper's CIFAR-10 result
+        train_iteration(run, diffusion, data, step)  # Alg. 1, lines 2-5
+    return run.ema  # until converged: 800k steps for the paper's CIFAR-10 result
 
 
 # --- Sampling  [Alg. 2] --------------------------------------------------------------------------
@@ -576,8 +635,9 @@ SCHEDULES = {
 
 
 def ddim_timesteps(num_timesteps, steps):
-    """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps floor(i * (T-1) / (steps-1)),
-    i = steps-1..0, strictly decreasing from T-1 (pure noise) to 0 (the last lands on x_0)."""
+    """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps floor(i * (T-1) /
+    (steps-1)), i = steps-1..0, strictly decreasing from T-1 (pure noise) to 0 (the last lands on
+    x_0)."""
     if not 2 <= steps <= num_timesteps:
         raise ValueError(f"need 2 <= steps <= T = {num_timesteps}, got {steps}")
     return [
@@ -622,8 +682,9 @@ def ddim_sample_loop(
 
 
 def dpm_solver_timesteps(alphas_cumprod, steps):
-    """`steps` code steps from T-1 down to 0, evenly spaced in the log-SNR lambda_t = log(sqrt(alpha_bar_t
-    / (1 - alpha_bar_t))): each the step nearest its target, pushed apart where two coincide (near t = 0)."""
+    """`steps` code steps from T-1 down to 0, evenly spaced in the log-SNR lambda_t =
+    log(sqrt(alpha_bar_t / (1 - alpha_bar_t))): each the step nearest its target, pushed apart where
+    two coincide (near t = 0)."""
     T = len(alphas_cumprod)
     if not 2 <= steps <= T:
         raise ValueError(f"need 2 <= steps <= T = {T}, got {steps}")
@@ -642,12 +703,14 @@ def dpm_solver_timesteps(alphas_cumprod, steps):
 def dpm_solver_sample_loop(
     diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None
 ):
-    """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep solver of the
-    probability-flow ODE in the log-SNR lambda, one network evaluation per step. With a = sqrt(alpha_bar),
-    s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred predicted from eps [Eq. 15], each step is
+    """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep
+    solver of the probability-flow ODE in the log-SNR lambda, one network evaluation per step. With
+    a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred predicted
+    from eps [Eq. 15], each step is
         x_next = (s_next / s) x - a_next (exp(-h) - 1) D,
         D = x_0_pred + (h / (2 h_prev)) (x_0_pred - x_0_pred_prev)    (D = x_0_pred at first),
-    and the last lands on its x_0_pred, as DDIM's does. D = x_0_pred throughout would be DDIM. Returns x_0."""
+    and the last lands on its x_0_pred, as DDIM's does. D = x_0_pred throughout would be DDIM.
+    Returns x_0."""
     # NOTE(paper): not in the paper (Lu et al. 2022); --sampler dpm++
     check_eval(model)
     device = diffusion.betas.device
@@ -689,12 +752,8 @@ class Progress:
     terminal, is a plain line every 5 seconds elsewhere, and a shorter phase prints nothing."""
 
     def __init__(self, what, total, images_per_tick=1.0, where=None):
-        self.what, self.total, self.per, self.where = (
-            what,
-            total,
-            images_per_tick,
-            where or (lambda k: f"{k}/{total}"),
-        )
+        self.what, self.total, self.per = what, total, images_per_tick
+        self.where = where or (lambda k: f"{k}/{total}")
         self.done, self.printed, self.tty = 0, False, sys.stdout.isatty()
         self.start = self.shown = time.time()
 
@@ -705,15 +764,11 @@ class Progress:
             return
         speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
         left = now - self.start if finished else (self.total - self.done) * self.per / speed
-        line = (
-            f"{self.what}: {self.where(self.done)} | {speed:,.1f} images/s | {'took' if finished else 'ETA'} "
-            + (f"{left:.0f} s" if left < 90 else f"{left / 60:.1f} min")
-        )
-        print(
-            f"\r{line}\x1b[K" if self.tty else line,
-            end="\n" if finished or not self.tty else "",
-            flush=True,
-        )
+        when = f"{left:.0f} s" if left < 90 else f"{left / 60:.1f} min"
+        line = f"{self.what}: {self.where(self.done)} | {speed:,.1f} images/s | "
+        line += f"{'took' if finished else 'ETA'} {when}"
+        end = "\n" if finished or not self.tty else ""
+        print(f"\r{line}\x1b[K" if self.tty else line, end=end, flush=True)
         self.shown, self.printed = now, True
 
 
@@ -722,13 +777,8 @@ class Watched:
     calls numbered in `keep` (a list) are kept, for the reverse-process picture."""
 
     def __init__(self, model, progress, keep=()):
-        self.model, self.progress, self.keep, self.kept, self.calls = (
-            model,
-            progress,
-            list(keep),
-            [],
-            0,
-        )
+        self.model, self.progress, self.keep = model, progress, list(keep)
+        self.kept, self.calls = [], 0
         self.training = model.training  # what check_eval reads
 
     def __call__(self, x_t, t):
@@ -754,17 +804,20 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
     try:
-        ds = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])(
-            data_dir, train=True, download=True
-        )
+        dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+        ds = dataset(data_dir, train=True, download=True)
     except Exception as e:  # no internet, a proxy, a full disk: all end the same way
         raise UserError(
-            f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without internet, put "
-            f"torchvision's {name} files there, or train on any images with --dataset folder --data-dir DIR"
+            f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without "
+            f"internet, put torchvision's {name} files there, or train on any images with "
+            "--dataset folder --data-dir DIR"
         )
     x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     x = x[evenly_spaced(len(x), max_images)]
-    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else F.pad(x[:, None], (2, 2, 2, 2))  # (N, C, 32, 32)
+    if x.ndim == 4:
+        x = x.permute(0, 3, 1, 2)  # (N, 3, 32, 32)
+    else:
+        x = F.pad(x[:, None], (2, 2, 2, 2))  # (N, 1, 32, 32): 2 black pixels on every side
     if x.shape[-1] != image_size:
         x = TF.resize(x, [image_size, image_size], antialias=True)  # (N, C, H, W)
     return x.contiguous()
@@ -774,9 +827,7 @@ def load_image_folder(root, image_size, max_images=None):
     """Every .png/.jpg under root, resized and centre-cropped, as (N, C, H, W); grey or RGB as
     the first image is. Threads decode them: decoding releases the GIL."""
     if not root.is_dir():
-        raise UserError(
-            f"--data-dir {root} is not a folder (with --dataset folder it must hold images)"
-        )
+        raise UserError(f"--data-dir {root} is not a folder (--dataset folder reads images there)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise UserError(f"--data-dir {root} holds no .png/.jpg/.jpeg images")
@@ -790,9 +841,8 @@ def load_image_folder(root, image_size, max_images=None):
                 x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3) uint8
         except OSError as e:
             raise UserError(f"cannot decode image {path}: {e}")
-        x = TF.resize(
-            x.reshape(*x.shape[:2], -1).permute(2, 0, 1), image_size, antialias=True
-        )  # (C, h', w')
+        x = x.reshape(*x.shape[:2], -1).permute(2, 0, 1)  # (C, h, w)
+        x = TF.resize(x, image_size, antialias=True)  # the shorter side becomes image_size
         return TF.center_crop(x, image_size)  # (C, image_size, image_size)
 
     mode = "L" if read(files[0]).shape[0] == 1 else "RGB"  # the first image decides the channels
@@ -805,35 +855,36 @@ def load_image_folder(root, image_size, max_images=None):
 
 
 # --- The network on its device, and torch.compile ---------------------------------------------
+MAX_PARAMETERS = 2**32  # 16 GiB of float32 weights: more than any GPU holds with Adam's state
+
+
 def build_model(cfg):
-    """The network a run's configuration describes (the parsed flags, or a checkpoint's config)."""
+    """The network a run's configuration describes (the parsed flags, or a checkpoint's config);
+    its size is checked on the meta device first, where building it allocates nothing."""
+    kwargs = {k: cfg[k] for k in ("base_channels", "num_res_blocks", "dropout", "image_size")}
+    kwargs.update(channel_mult=tuple(cfg["channel_mult"]), in_channels=cfg["channels"])
+    kwargs.update(attn_resolutions=tuple(cfg["attn_resolutions"]))
     try:
-        return MODELS[cfg["model"]](
-            in_channels=cfg["channels"],
-            base_channels=cfg["base_channels"],
-            channel_mult=tuple(cfg["channel_mult"]),
-            num_res_blocks=cfg["num_res_blocks"],
-            attn_resolutions=tuple(cfg["attn_resolutions"]),
-            dropout=cfg["dropout"],
-            image_size=cfg["image_size"],
-        )
+        with torch.device("meta"):
+            size = count_parameters(MODELS[cfg["model"]](**kwargs))
     except ValueError as e:
         raise UserError(
             f"{e} (flags --image-size, --base-channels, --channel-mult, --num-res-blocks)"
         )
+    if size > MAX_PARAMETERS:
+        raise UserError(
+            f"that network would have {size:,} parameters, more than fit in memory: lower "
+            "--base-channels, --channel-mult or --num-res-blocks"
+        )
+    return MODELS[cfg["model"]](**kwargs)
 
 
 def setup_device(args):
     """Resolve --device and --amp into a torch.device and an autocast dtype (None: float32)."""
     name = args.device
     if name == "auto":
-        name = (
-            "cuda"
-            if torch.cuda.is_available()
-            else "mps"
-            if torch.backends.mps.is_available()
-            else "cpu"
-        )
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -841,12 +892,10 @@ def setup_device(args):
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per torchrun process
         torch.cuda.set_device(name)
-        torch.backends.cudnn.benchmark = (
-            True  # shapes never change: let cuDNN pick the fastest convs
-        )
+        torch.backends.cudnn.benchmark = True  # shapes never change: cuDNN picks the fastest conv
         torch.set_float32_matmul_precision("high")  # float32 matmuls may use TF32 tensor cores
     device = torch.device(name)
-    # NOTE(paper): bf16 autocast on CUDA by default (float32 master weights); --amp none for float32
+    # NOTE(paper): bf16 autocast on CUDA by default (float32 master weights); --amp none: float32
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs --device cuda; use --amp bf16 or --amp none")
@@ -854,20 +903,22 @@ def setup_device(args):
 
 
 def prepare_network(net, device):
-    """A built network on its device; on CUDA in channels_last (NHWC), the layout tensor cores want."""
+    """A built network on its device; on CUDA in channels_last (NHWC), the layout tensor cores
+    want."""
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
 def maybe_compile(module, args, cuda_graphs=False):
-    """torch.compile with the mode of --compile (the module itself when off). "auto" adds CUDA graphs where
-    cuda_graphs allows: a training step is a thousand short kernels, and a replayed graph saves their launches."""
-    mode = (
-        ("reduce-overhead" if cuda_graphs else "default")
-        if args.compile == "auto"
-        else args.compile
-    )
-    return torch.compile(module, mode=mode) if args.compile else module
+    """torch.compile with the mode of --compile (the module itself when off). "auto" adds CUDA
+    graphs where cuda_graphs allows: a training step is a thousand short kernels, and a replayed
+    graph saves their launches."""
+    if not args.compile:
+        return module
+    mode = args.compile
+    if mode == "auto":
+        mode = "reduce-overhead" if cuda_graphs else "default"
+    return torch.compile(module, mode=mode)
 
 
 # --- Checkpoints, samplers and pictures -------------------------------------------------------
@@ -875,7 +926,8 @@ CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested, every ra
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint intact."""
+    """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint
+    intact."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
@@ -897,12 +949,13 @@ def load_checkpoint(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(
-            f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py ({first_line(e)})"
+            f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py "
+            f"({first_line(e)})"
         )
     if isinstance(ckpt, dict) and ckpt.get("format") == "ddpm.py checkpoint 1":
         raise UserError(
-            f"{path} was written by ddpm.py before 2026-12-01, whose layers had other names; "
-            "sample or resume it with that version (git checkout 1a28302 -- ddpm.py)"
+            f"{path} is a format-1 checkpoint, whose layers had other names; sample or resume it "
+            "with the ddpm.py that wrote it (the README says which)"
         )
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint")
@@ -927,11 +980,12 @@ def save_grid(x, path, nrow):
 def sampler_plan(args, num_timesteps, device):
     """--sampler's sampler and its number of network evaluations; auto: Algorithm 2 on a GPU,
     DPM-Solver++ elsewhere, where 1000 evaluations per image take too long."""
-    name = args.sampler if args.sampler != "auto" else "ddpm" if device.type == "cuda" else "dpm++"
-    return name, num_timesteps if name == "ddpm" else args.sample_steps or {
-        "ddim": 100,
-        "dpm++": 20,
-    }[name]
+    name = args.sampler
+    if name == "auto":
+        name = "ddpm" if device.type == "cuda" else "dpm++"
+    if name == "ddpm":
+        return name, num_timesteps
+    return name, args.sample_steps or {"ddim": 100, "dpm++": 20}[name]
 
 
 def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
@@ -945,35 +999,29 @@ def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, ke
     """Sample from x_T with --sampler, the network under autocast(dtype); progress ticks once per
     network evaluation; keep (evaluation numbers): also return the x_t they saw, (K, B, C, H, W)."""
     name, steps = sampler_plan(args, diffusion.num_timesteps, x_T.device)
-    progress = progress or sampling_progress(
-        "sampling", args, diffusion.num_timesteps, x_T.device, len(x_T)
+    T, shape = diffusion.num_timesteps, x_T.shape
+    net = Watched(
+        model, progress or sampling_progress("sampling", args, T, x_T.device, len(x_T)), keep
     )
-    net = Watched(model, progress, keep)
     with torch.autocast(x_T.device.type, dtype=dtype, enabled=dtype is not None):
         if name == "ddpm":
-            x_0 = p_sample_loop(
-                diffusion, net, x_T.shape, variance=args.variance, x_T=x_T, generator=generator
-            )
+            x_0 = p_sample_loop(diffusion, net, shape, True, args.variance, x_T, generator)
         elif name == "ddim":
-            x_0 = ddim_sample_loop(
-                diffusion, net, x_T.shape, steps, args.eta, x_T=x_T, generator=generator
-            )
+            x_0 = ddim_sample_loop(diffusion, net, shape, steps, args.eta, True, x_T, generator)
         else:
-            x_0 = dpm_solver_sample_loop(diffusion, net, x_T.shape, steps, x_T=x_T)
+            x_0 = dpm_solver_sample_loop(diffusion, net, shape, steps, x_T=x_T)
     return (x_0, torch.stack(net.kept)) if keep else x_0
 
 
 def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
     """The sample grid from a fixed x_T, and the progressive-generation picture: a row for each of
     the first 8 images, x_t at 9 evenly spaced sampler steps from pure noise, then x_0."""
-    K = sampler_plan(args, diffusion.num_timesteps, x_T.device)[1]
-    progress = sampling_progress(
-        "final pictures", args, diffusion.num_timesteps, x_T.device, len(x_T)
-    )
-    generator = torch.Generator(x_T.device).manual_seed(args.seed)  # the same z every time
-    x_0, xs = run_sampler(
-        diffusion, model, x_T, args, dtype, generator, progress, [i * K // 9 for i in range(9)]
-    )
+    T, device = diffusion.num_timesteps, x_T.device
+    K = sampler_plan(args, T, device)[1]
+    progress = sampling_progress("final pictures", args, T, device, len(x_T))
+    generator = torch.Generator(device).manual_seed(args.seed)  # the same z every time
+    keep = [i * K // 9 for i in range(9)]
+    x_0, xs = run_sampler(diffusion, model, x_T, args, dtype, generator, progress, keep)
     save_grid(x_0, out_dir / "samples.png", nrow=8)
     rows = torch.cat([xs[:, :8], x_0[None, :8]]).transpose(0, 1)  # (8, 10, C, H, W)
     save_grid(rows.flatten(0, 1), out_dir / "reverse_process.png", nrow=rows.shape[1])
@@ -981,46 +1029,35 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
 
 
 # --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
-def build_training(args, channels, device, world=1):
-    """What a training step needs: the network (net), the module the step calls (model: net in DDP and/or
-    torch.compile), its EMA copy, the diffusion, optimiser, LR warm-up and gradient scaler (fp16 only)."""
+def build_training(args, channels, device, amp=None, world=1, flip=True):
+    """The Training of Part III for the network the flags describe, on its device, with the module
+    the step calls (net in DDP and/or torch.compile), and the diffusion. Returns (run,
+    diffusion)."""
     net = prepare_network(build_model({**vars(args), "channels": channels}), device)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)  # EMA weights: what we sample from
+    recipe = dict(grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed)
+    run = make_training(
+        net, args.lr, args.warmup, amp, batch_size=args.batch_size, flip=flip, **recipe
+    )
+    if world > 1:  # gradients averaged over the processes during backward
+        ids = [device.index] if device.type == "cuda" else None
+        run.model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    cuda_graphs = device.type == "cuda" and world == 1  # DDP's hooks rule CUDA graphs out
+    run.model = maybe_compile(run.model, args, cuda_graphs)
     diffusion = GaussianDiffusion(SCHEDULES[args.schedule](args.timesteps)).to(device)
-    optimizer, scheduler = make_optimizer(net, args.lr, args.warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    model = net
-    if world > 1:  # gradients averaged over the ranks during backward
-        model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    model = maybe_compile(
-        model, args, cuda_graphs=device.type == "cuda" and world == 1
-    )  # DDP's hooks rule them out
-    return net, model, ema, diffusion, optimizer, scheduler, scaler
+    return run, diffusion
 
 
+# the flags a --resume may change; the others come from the checkpoint
 RESUME_MAY_CHANGE = {
-    "epochs",
-    "max_steps",
-    "data_dir",
-    "device",
-    "amp",
-    "compile",
-    "ckpt_every",
-    "ckpt_minutes",
-    "sample_every",
-    "log_every",
-    "wandb",
-    "sampler",
-    "sample_steps",
-    "eta",
-    "variance",
-}  # others: as saved
+    *("epochs", "max_steps", "data_dir", "device", "amp", "compile", "wandb"),
+    *("ckpt_every", "ckpt_minutes", "sample_every", "log_every"),
+    *("sampler", "sample_steps", "eta", "variance"),
+}
 
 
 def resume_config(args, ckpt):
-    """Take the flags not typed from the checkpoint; refuse a typed one that contradicts it and may not change."""
+    """Take the flags not typed from the checkpoint; refuse a typed one that contradicts it and
+    may not change."""
     for key, saved in ckpt["config"].items():
         if key in ("resume", "out_dir") or not hasattr(args, key):
             continue
@@ -1028,24 +1065,16 @@ def resume_config(args, ckpt):
             setattr(args, key, saved)
         elif key not in RESUME_MAY_CHANGE and getattr(args, key) != saved:
             raise UserError(
-                f"--resume: --{key.replace('_', '-')} {getattr(args, key)} contradicts the checkpoint's "
-                f"{saved}; drop the flag, or start a new run in another --out-dir"
+                f"--resume: --{key.replace('_', '-')} {getattr(args, key)} contradicts the "
+                f"checkpoint's {saved}; drop the flag, or start a new run in another --out-dir"
             )
 
 
-def train(args):
-    """Train eps_theta with Algorithm 1, writing ckpt.pt, log.csv and pictures to --out-dir; returns the network.
-    Under torchrun every process (rank) runs it: rank 0 writes the files; all ranks stop and save together."""
-    world, rank = (
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("RANK", "0")),
-    )  # torchrun's
-    device, dtype = setup_device(args)  # --device, --amp
-    out_dir = Path(args.out_dir or f"runs/{args.model}")
+def open_run(args, out_dir, world, rank):
+    """Check the flags against the folder before any work. Returns the checkpoint to resume (None
+    for a new run), whose configuration then fills the flags not typed, and wandb (None if off)."""
     ckpt_path = out_dir / "ckpt.pt"
-    ckpt = (
-        load_checkpoint(ckpt_path) if args.resume else None
-    )  # resumed: the configuration comes from it
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if ckpt:
         resume_config(args, ckpt)
     elif ckpt_path.exists():
@@ -1058,292 +1087,322 @@ def train(args):
         )
     if args.sample_steps and not 2 <= args.sample_steps <= args.timesteps:
         raise UserError(f"--sample-steps must be between 2 and --timesteps {args.timesteps}")
-    if args.wandb and rank == 0:
-        try:
-            import wandb  # optional extra, imported only when asked for
-        except ImportError:
-            raise UserError("--wandb needs the wandb package: pip install wandb")
+    wandb = import_wandb() if args.wandb and rank == 0 else None
     if rank == 0:
         prepare_out_dir(out_dir)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # the ranks agree over Gloo, on the CPU, so that an agreement never waits for a GPU
-    control = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+    return ckpt, wandb
 
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    data = load_dataset(args.dataset, args.data_dir, args.image_size).to(
-        device
-    )  # (N, C, H, W) uint8
-    N, C, H, W = data.shape
-    B, b = args.batch_size, args.batch_size // world  # the global batch, this rank's share
-    steps_per_epoch = N // B  # NOTE(paper): full batches only, so every step has one shape
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {B} is larger than the dataset ({N} images)")
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
-    net, model, ema, diffusion, optimizer, scheduler, scaler = build_training(
-        args, C, device, world
-    )
-    config = {
-        **{k: v for k, v in vars(args).items() if k not in ("explicit", "command")},
-        "channels": C,
-        "out_dir": str(out_dir),
-    }
-    step, elapsed_before = 0, 0.0
-    torch.manual_seed(args.seed + rank)  # a different t, eps, flip and dropout stream per rank
-    if ckpt:
-        for key, part in (
-            ("model", net),
-            ("ema", ema),
-            ("optimizer", optimizer),
-            ("scheduler", scheduler),
-        ):
-            part.load_state_dict(ckpt[key])
-        if ckpt[
-            "scaler"
-        ]:  # empty when saved without --amp fp16: then fp16 starts from a fresh scale
-            scaler.load_state_dict(ckpt["scaler"])
-        step, elapsed_before, rng = ckpt["step"], ckpt["elapsed"], ckpt["rng"]
-        if len(rng["torch"]) == world:  # each rank continues its own random streams exactly
-            torch.set_rng_state(rng["torch"][rank])
-            if device.type == "cuda" and rng["cuda"][rank] is not None:
-                torch.cuda.set_rng_state(rng["cuda"][rank], device)
+
+def import_wandb():
+    try:
+        import wandb  # optional extra, imported only when asked for
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb")
+    return wandb
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C and SIGTERM only note themselves in the list this yields: the loop stops between two
+    steps, and saves. An ignored SIGINT (a background job's) stays ignored; the handlers in place
+    before come back at the end."""
+    requested, previous = [], {}
+    if threading.current_thread() is threading.main_thread():  # where signals are delivered
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, lambda signum, frame: requested.append(signum))
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Run:
+    """A training run between two steps: its Training and diffusion, the step reached, the
+    files in --out-dir (rank 0 writes them), the clocks, and the agreement between processes."""
+
+    def __init__(self, args, data, device, amp, out_dir, world, rank, wandb=None):
+        self.args, self.device, self.amp, self.world, self.rank = args, device, amp, world, rank
+        self.wandb, self.data_shape = wandb, tuple(data.shape)
+        self.ckpt_path, self.out_dir = out_dir / "ckpt.pt", out_dir
+        N, C, H, W = data.shape
+        self.steps_per_epoch = N // args.batch_size  # NOTE(paper): full batches only
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"--batch-size {args.batch_size} is larger than the dataset ({N} images)"
+            )
+        self.total_steps = min(args.epochs * self.steps_per_epoch, args.max_steps or math.inf)
+        flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
+        self.training, self.diffusion = build_training(args, C, device, amp, world, flip)
+        self.config = {k: v for k, v in vars(args).items() if k not in ("explicit", "command")}
+        self.config.update(channels=C, out_dir=str(out_dir))
+        self.step = self.saved_step = 0
+        self.elapsed_before, self.started = 0.0, time.time()
+        self.saved_at = self.logged_at = self.speed_from = self.started
+        self.speed_step = self.logged_step = 0
+        self.loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
+        self.bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss
+        # a fixed x_T for every grid, so that grids are comparable
+        generator = torch.Generator().manual_seed(args.seed)
+        self.grid_x_T = torch.randn((64, C, H, W), generator=generator).to(device)
+        # the processes agree over Gloo, on the CPU, so that an agreement never waits for a GPU
+        cuda = device.type == "cuda"
+        self.control = dist.new_group(backend="gloo") if world > 1 and cuda else None
+
+    def restore(self, ckpt):
+        """Continue from a checkpoint: the weights, Adam, the warm-up, the step, and each process's
+        random streams; or, for a new run, seed those streams."""
+        torch.manual_seed(self.args.seed + self.rank)  # a different t, eps, flip, dropout per rank
+        if not ckpt:
+            return
+        run = self.training
+        for part in ("net", "ema", "optimizer", "scheduler"):
+            getattr(run, part).load_state_dict(ckpt["model" if part == "net" else part])
+        if ckpt["scaler"]:  # empty when saved without --amp fp16: then fp16 starts a fresh scale
+            run.scaler.load_state_dict(ckpt["scaler"])
+        self.step = self.saved_step = self.speed_step = self.logged_step = ckpt["step"]
+        self.elapsed_before, rng = ckpt["elapsed"], ckpt["rng"]
+        if len(rng["torch"]) == self.world:  # each rank continues its own random streams exactly
+            torch.set_rng_state(rng["torch"][self.rank])
+            if self.device.type == "cuda" and rng["cuda"][self.rank] is not None:
+                torch.cuda.set_rng_state(rng["cuda"][self.rank], self.device)
         else:
-            torch.manual_seed(args.seed + rank + world * step)
-            if rank == 0:
+            torch.manual_seed(self.args.seed + self.rank + self.world * self.step)
+            if self.rank == 0:
                 print(
-                    f"note: saved by {len(rng['torch'])} processes, resumed by {world}: new random streams"
+                    f"note: saved by {len(rng['torch'])} processes, resumed by {self.world}: "
+                    "new random streams"
                 )
-    # a fixed x_T for every grid, so that grids are comparable; eager: 64 images are not worth a compile
-    grid_x_T = torch.randn((64, C, H, W), generator=torch.Generator().manual_seed(args.seed)).to(
-        device
-    )
-    if rank == 0:
+
+    def open_log(self, resumed):
+        """log.csv, keeping the rows up to the checkpoint's step (those after it are done again);
+        and the first console line."""
+        args, step, total = self.args, self.step, self.total_steps
         rows = [["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]]
-        if (
-            ckpt and (out_dir / "log.csv").exists()
-        ):  # the rows after the checkpoint's step are done again
-            with open(out_dir / "log.csv", newline="") as f:
+        if resumed and (self.out_dir / "log.csv").exists():
+            with open(self.out_dir / "log.csv", newline="") as f:
                 rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
-        log_file = open(out_dir / "log.csv", "w", newline="")
-        csv.writer(log_file).writerows(rows)
-        if args.wandb:
-            wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
+        self.log_file = open(self.out_dir / "log.csv", "w", newline="")
+        csv.writer(self.log_file).writerows(rows)
+        if self.wandb:
+            self.wandb.init(
+                project="ddpm.py", config=self.config, dir=str(self.out_dir), resume="allow"
+            )
+        size = "x".join(map(str, self.data_shape))  # N x C x H x W
         print(
-            f"training {args.model} ({count_parameters(net):,} parameters) on {args.dataset} "
-            f"{N}x{C}x{H}x{W}, {device}, amp {dtype}, compile {args.compile}; step {step}/{total_steps}"
+            f"training {args.model} ({count_parameters(self.training.net):,} parameters) on "
+            f"{args.dataset} {size}, {self.device}, amp {self.amp}, compile {args.compile}; "
+            f"step {step}/{total}"
         )
-        if args.warmup > total_steps / 2:
+        if args.warmup > total / 2:
+            late = "never reaches" if args.warmup > total else "is late to reach"
             print(
-                f"note: the learning-rate warm-up (--warmup {args.warmup}) is more than half of this run's {total_steps} "
-                f"steps, so lr {'never reaches' if args.warmup > total_steps else 'is late to reach'} --lr {args.lr:g}; "
-                f"a short run trains better with a shorter one, e.g. --warmup {max(1, total_steps // 10)}"
+                f"note: the learning-rate warm-up (--warmup {args.warmup}) is more than half of "
+                f"this run's {total} steps, so lr {late} --lr {args.lr:g}; a short run trains "
+                f"better with a shorter one, e.g. --warmup {max(1, total // 10)}"
             )
 
-    loss_sum = torch.zeros((), device=device)  # summed between log rows, read only there
-    bad_step = torch.full(
-        (), -1, device=device, dtype=torch.long
-    )  # the first step with a non-finite loss or gradient
-    saved_step, saved_at, perm_epoch, t_start = step, time.time(), None, time.time()
-    last = {"step": step, "time": t_start, "speed": (step, t_start)}
-
-    def agree(*flags):
-        """Each flag as its maximum over the ranks, so that all of them take the same decision."""
-        if world == 1:
+    def agree(self, *flags):
+        """Each flag as its maximum over the processes, so that all of them take the same
+        decision."""
+        if self.world == 1:
             return flags
         flags = torch.tensor([int(f) for f in flags])
-        dist.all_reduce(flags, dist.ReduceOp.MAX, group=control)
+        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.control)
         return flags.tolist()
 
-    def checkpoint():
-        """Save, on rank 0, after all ranks checked that no loss or gradient went NaN or infinite."""
-        nonlocal saved_step, saved_at
-        bad = agree(int(bad_step))[0]  # reads the GPU, as only log rows do besides
+    def after_step(self, loss, grad_norm):
+        """Count the step: its loss, and whether it went bad (a non-finite loss, or gradient
+        except under fp16, whose scaler skips that update), without waiting for the GPU."""
+        self.step += 1
+        self.loss_sum += loss
+        finite = torch.isfinite(loss) & (
+            torch.isfinite(grad_norm) | self.training.scaler.is_enabled()
+        )
+        self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, self.step)
+
+    def decide(self, stop_requested, log_row):
+        """What every process does after this step, agreed: (stop, save). Save at the last step,
+        every --ckpt-every steps, every --ckpt-minutes by rank 0's clock, and after a bad step
+        seen at a log row (checkpoint() then refuses, and says why). Under DDP the processes
+        agree every 10 steps and at log rows; one process agrees with itself every step."""
+        args, step = self.args, self.step
+        every = args.ckpt_every and step % args.ckpt_every == 0
+        scheduled = bool(every) or step == self.total_steps
+        if self.world > 1 and not log_row and step % 10:
+            return False, scheduled
+        minutes = (time.time() - self.saved_at) / 60
+        due = self.rank == 0 and args.ckpt_minutes and minutes >= args.ckpt_minutes
+        bad = log_row and int(self.bad_step) >= 0  # reads the GPU, as log rows do anyway
+        stop, due, bad = self.agree(bool(stop_requested), due, bad)
+        return stop, bool(due or bad or scheduled)
+
+    def grid_due(self):
+        """At the end of every --sample-every-th epoch."""
+        epoch, into_epoch = divmod(self.step, self.steps_per_epoch)
+        return not into_epoch and self.args.sample_every and epoch % self.args.sample_every == 0
+
+    def checkpoint(self):
+        """Save, on rank 0, after all ranks checked that no loss or gradient went NaN or
+        infinite."""
+        bad = self.agree(int(self.bad_step))[0]  # reads the GPU, as only log rows do besides
         if bad >= 0:
             raise UserError(
-                f"the loss or its gradient became NaN or infinite at step {bad}; stopped without saving, "
-                f"so {ckpt_path} still holds step {saved_step} (try --amp none or a lower --lr)"
+                f"the loss or its gradient became NaN or infinite at step {bad}; stopped without "
+                f"saving, so {self.ckpt_path} still holds step {self.saved_step} (try --amp none "
+                "or a lower --lr)"
             )
-        states = [
-            torch.get_rng_state(),
-            torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        ]
-        ranks = [states] * world
-        if world > 1:  # every rank's random states, so that a resumed run is the uninterrupted one
-            dist.all_gather_object(ranks, states, group=control)
-        error = ""  # rank 0's message, as a string: an exception kept here would keep this frame (and DDP) alive
+        cuda = self.device.type == "cuda"
+        states = [torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None]
+        ranks = [states] * self.world
+        if self.world > 1:  # every rank's random states: a resumed run is the uninterrupted one
+            dist.all_gather_object(ranks, states, group=self.control)
+        error = ""  # rank 0's message: an exception kept here would keep this frame (and DDP) alive
         try:
-            if rank == 0:
-                save_checkpoint(
-                    ckpt_path,
-                    {
-                        "format": CKPT_FORMAT,
-                        "config": config,
-                        "step": step,
-                        "epoch": step // steps_per_epoch,
-                        "elapsed": elapsed_before + time.time() - t_start,
-                        "model": net.state_dict(),
-                        "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "rng": {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]},
-                    },
-                )
+            if self.rank == 0:
+                save_checkpoint(self.ckpt_path, self.state(ranks))
         except UserError as e:  # a full disk: every rank stops, rank 0 says why
             error = str(e)
-        if agree(bool(error))[0]:
+        if self.agree(bool(error))[0]:
             raise UserError(error or "rank 0 could not write the checkpoint")
-        saved_step, saved_at = step, time.time()
+        self.saved_step, self.saved_at = self.step, time.time()
 
-    def write_log(grad_norm):
+    def state(self, ranks):
+        """What ckpt.pt holds: tensors and plain values only (it loads with weights_only=True)."""
+        run = self.training
+        return {
+            "format": CKPT_FORMAT,
+            "config": self.config,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "elapsed": self.elapsed_before + time.time() - self.started,
+            "model": run.net.state_dict(),
+            "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "rng": {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]},
+        }
+
+    def write_log(self, grad_norm):
         """A log.csv row and a console line, from tensors read here only."""
-        now = time.time()
-        loss = loss_sum.item() / max(step - last["step"], 1)
-        loss_sum.zero_()
-        speed = (step - last["speed"][0]) * B / max(now - last["speed"][1], 1e-9)  # images/s
-        row = [
-            step,
-            step // steps_per_epoch,
-            f"{loss:.6f}",
-            f"{scheduler.get_last_lr()[0]:.3e}",
-            f"{float(grad_norm):.4f}",
-            f"{speed:.1f}",
-            f"{elapsed_before + now - t_start:.1f}",
-        ]
-        last.update(step=step, time=now, speed=(step, now))
-        csv.writer(log_file).writerow(row)
-        log_file.flush()
-        if args.wandb:
+        now, step, wandb = time.time(), self.step, self.wandb
+        loss = self.loss_sum.item() / max(step - self.logged_step, 1)
+        self.loss_sum.zero_()
+        speed = (step - self.speed_step) * self.args.batch_size / max(now - self.speed_from, 1e-9)
+        lr = self.training.scheduler.get_last_lr()[0]
+        elapsed = self.elapsed_before + now - self.started
+        row = [step, step // self.steps_per_epoch, f"{loss:.6f}", f"{lr:.3e}"]
+        row += [f"{float(grad_norm):.4f}", f"{speed:.1f}", f"{elapsed:.1f}"]
+        csv.writer(self.log_file).writerow(row)
+        self.log_file.flush()
+        self.logged_step, self.logged_at, self.speed_step, self.speed_from = step, now, step, now
+        if wandb:
             wandb.log(
-                {
-                    "loss": loss,
-                    "lr": float(row[3]),
-                    "grad_norm": float(row[4]),
-                    "images_per_s": speed,
-                },
+                {"loss": loss, "lr": lr, "grad_norm": float(row[4]), "images_per_s": speed},
                 step=step,
             )
+        eta = (self.total_steps - step) * self.args.batch_size / max(speed, 1e-9) / 60
         print(
-            f"step {step}/{total_steps} | epoch {row[1]} | loss {loss:.4f} | {speed:,.0f} img/s | lr {row[3]} | "
-            f"ETA {(total_steps - step) * B / max(speed, 1e-9) / 60:.1f} min",
+            f"step {step}/{self.total_steps} | epoch {row[1]} | loss {loss:.4f} | "
+            f"{speed:,.0f} img/s | lr {row[3]} | ETA {eta:.1f} min",
             flush=True,
         )
 
-    # Ctrl-C and SIGTERM only raise a flag; the loop stops between two steps, and saves
-    stop_requested, previous_handlers = [], {}
-    for sig in (
-        signal.SIGINT,
-        signal.SIGTERM,
-    ):  # (not where a background job ignores Ctrl-C, nor off the main thread)
-        if (
-            signal.getsignal(sig) is not signal.SIG_IGN
-            and threading.current_thread() is threading.main_thread()
-        ):
-            previous_handlers[sig] = signal.signal(
-                sig, lambda signum, frame: stop_requested.append(signum)
-            )
-    try:
-        while step < total_steps:
-            epoch, i = divmod(step, steps_per_epoch)
-            if (
-                perm_epoch != epoch
-            ):  # this epoch's order: a function of (seed, epoch), the same on all ranks
-                perm = torch.randperm(
-                    N, generator=torch.Generator().manual_seed(args.seed + epoch)
-                ).to(device)
-                perm_epoch = epoch
-            x_0 = get_batch(
-                data, perm[i * B + rank * b : i * B + (rank + 1) * b], flip
-            )  # Alg. 1, line 2
-            loss, grad_norm = train_step(
-                model, diffusion, optimizer, scaler, x_0, args.grad_clip, dtype
-            )
-            scheduler.step()
-            ema_update(ema, net, step, args.ema_decay)
-            step += 1
-            loss_sum += loss
-            # an infinite gradient is a bad step too, except with fp16, whose scaler skips that update
-            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-            bad_step = torch.where(finite | (bad_step >= 0), bad_step, step)
-            log_row = (
-                step % args.log_every == 0 or step == total_steps
-            )  # also where the GPU's bad_step is read
-            stop = due = bad = False
-            if (
-                world == 1 or log_row or step % 10 == 0
-            ):  # the ranks agree every 10 steps (0.7 ms each on 2 CPU cores)
-                due = (
-                    rank == 0
-                    and args.ckpt_minutes
-                    and time.time() - saved_at >= 60 * args.ckpt_minutes
-                )  # rank 0's clock
-                stop, due, bad = agree(bool(stop_requested), due, log_row and int(bad_step) >= 0)
-            if stop:
-                raise KeyboardInterrupt
-            if due or bad or args.ckpt_every and step % args.ckpt_every == 0 or step == total_steps:
-                checkpoint()  # which refuses, and says why, after a bad step
-            if rank == 0 and (log_row or time.time() - last["time"] >= 10):
-                write_log(grad_norm)
-            epochs_done, into_epoch = divmod(step, steps_per_epoch)
-            if (
-                not into_epoch
-                and args.sample_every
-                and epochs_done % args.sample_every == 0
-                and rank == 0
-            ):
-                (out_dir / "grids").mkdir(exist_ok=True)
-                path = out_dir / "grids" / f"epoch_{epochs_done:04d}.png"
-                progress = sampling_progress(
-                    f"grid for epoch {epochs_done}", args, args.timesteps, device, len(grid_x_T)
-                )
-                save_grid(
-                    run_sampler(
-                        diffusion,
-                        ema,
-                        grid_x_T,
-                        args,
-                        dtype,
-                        torch.Generator(device).manual_seed(args.seed),
-                        progress,
-                    ),
-                    path,
-                    nrow=8,
-                )
-                if args.wandb:
-                    wandb.log({"samples": wandb.Image(str(path))}, step=step)
-                last["speed"] = (step, time.time())  # keep sampling out of images/s
-    except KeyboardInterrupt:
-        checkpoint()
-        if rank == 0:
-            print(
-                f"\nstopped at step {step}: saved {ckpt_path}; continue with --resume --out-dir {out_dir}",
-                file=sys.stderr,
-            )
-        raise
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if rank == 0:
-            log_file.close()
-        if world > 1:
-            dist.destroy_process_group()
-    if rank == 0:  # the final pictures, from the EMA weights and the fixed x_T
-        path = save_samples_and_trajectory(diffusion, ema, grid_x_T, args, dtype, out_dir)
-        print(
-            f"done: {step} steps in {(elapsed_before + time.time() - t_start) / 60:.1f} min; {ckpt_path}, {path}, "
-            f"{out_dir / 'reverse_process.png'}"
+    def save_grid(self):
+        """A grid of samples from the EMA weights and the fixed x_T, kept out of images/s."""
+        epoch = self.step // self.steps_per_epoch
+        (self.out_dir / "grids").mkdir(exist_ok=True)
+        path = self.out_dir / "grids" / f"epoch_{epoch:04d}.png"
+        T = self.diffusion.num_timesteps
+        progress = sampling_progress(f"grid for epoch {epoch}", self.args, T, self.device, 64)
+        generator = torch.Generator(self.device).manual_seed(self.args.seed)
+        x_0 = run_sampler(
+            self.diffusion,
+            self.training.ema,
+            self.grid_x_T,
+            self.args,
+            self.amp,
+            generator,
+            progress,
         )
-        if args.wandb:
-            wandb.log({"samples": wandb.Image(str(path))}, step=step)
-            wandb.finish()
-    return net
+        save_grid(x_0, path, nrow=8)
+        if self.wandb:
+            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
+        self.speed_step, self.speed_from = self.step, time.time()
+
+    def finish(self):
+        """The final pictures, from the EMA weights and the fixed x_T, and the last line."""
+        run, args = self.training, self.args
+        path = save_samples_and_trajectory(
+            self.diffusion, run.ema, self.grid_x_T, args, self.amp, self.out_dir
+        )
+        minutes = (self.elapsed_before + time.time() - self.started) / 60
+        print(
+            f"done: {self.step} steps in {minutes:.1f} min; {self.ckpt_path}, {path}, "
+            f"{self.out_dir / 'reverse_process.png'}"
+        )
+        if self.wandb:
+            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
+            self.wandb.finish()
+
+
+def train(args):
+    """Train eps_theta with Algorithm 1, writing ckpt.pt, log.csv and pictures to --out-dir;
+    returns the network. Under torchrun every process (rank) runs it: rank 0 writes the files;
+    all ranks stop and save together."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device, amp = setup_device(args)  # --device, --amp
+    out_dir = Path(args.out_dir or f"runs/{args.model}")
+    ckpt, wandb = open_run(args, out_dir, world, rank)  # ckpt: None for a new run
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    data = load_dataset(args.dataset, args.data_dir, args.image_size).to(device)  # (N, C, H, W)
+    run = Run(args, data, device, amp, out_dir, world, rank, wandb)
+    run.restore(ckpt)
+    if rank == 0:
+        run.open_log(resumed=ckpt is not None)
+    with stop_on_signals() as stop_requested:
+        try:
+            while run.step < run.total_steps:
+                training, step = run.training, run.step
+                loss, grad_norm = train_iteration(training, run.diffusion, data, step, rank, world)
+                run.after_step(loss, grad_norm)
+                log_row = run.step % args.log_every == 0 or run.step == run.total_steps
+                stop, save = run.decide(stop_requested, log_row)
+                if stop:
+                    raise KeyboardInterrupt
+                if save:
+                    run.checkpoint()
+                if rank == 0 and (log_row or time.time() - run.logged_at >= 10):
+                    run.write_log(grad_norm)
+                if rank == 0 and run.grid_due():
+                    run.save_grid()
+        except KeyboardInterrupt:
+            run.checkpoint()
+            if rank == 0:
+                print(
+                    f"\nstopped at step {run.step}: saved {run.ckpt_path}; continue with --resume "
+                    f"--out-dir {out_dir}",
+                    file=sys.stderr,
+                )
+            raise
+        finally:
+            if rank == 0:
+                run.log_file.close()
+            if world > 1:
+                dist.destroy_process_group()
+    if rank == 0:
+        run.finish()
+    return run.training.net
 
 
 # --- sample, forward, bench, compare: the other commands -------------------------------------
-def sample(args):
-    """Generate --num-samples images from a checkpoint alone, from its EMA weights by default."""
-    device, dtype = setup_device(args)
+def load_sampler(args, device):
+    """A checkpoint's network with its --weights (the EMA by default) in eval() mode on device, its
+    diffusion and its configuration: what every sampling command starts from."""
     ckpt = load_checkpoint(args.ckpt)
     cfg = ckpt["config"]
     if args.sample_steps and not 2 <= args.sample_steps <= cfg["timesteps"]:
@@ -1353,154 +1412,126 @@ def sample(args):
         model.load_state_dict(ckpt[args.weights])
     except (KeyError, RuntimeError) as e:
         raise UserError(
-            f"{args.ckpt} does not hold {args.weights} weights for its configuration ({first_line(e)})"
+            f"{args.ckpt} does not hold {args.weights} weights for its configuration "
+            f"({first_line(e)})"
         )
     model = prepare_network(model, device).eval()
     diffusion = GaussianDiffusion(SCHEDULES[cfg["schedule"]](cfg["timesteps"])).to(device)
+    return model, diffusion, cfg
+
+
+def generate(model, diffusion, cfg, args, device, amp, n):
+    """n images (n, C, H, W) uint8 from --sampler in batches of --batch-size, all from --seed: x_T
+    drawn on the CPU (the same on every device), each step's z on the device."""
+    C, S, batch = cfg["channels"], cfg["image_size"], min(args.batch_size, n)
+    x_T_generator = torch.Generator().manual_seed(args.seed)
+    z_generator = torch.Generator(device).manual_seed(args.seed)
+    batches = math.ceil(n / batch)
+    T = diffusion.num_timesteps
+    progress = sampling_progress(f"sampling {n} images", args, T, device, batch, batches)
+    model, images = maybe_compile(model, args), []
+    for _ in range(batches):  # whole batches only (one compiled shape); extras are dropped
+        x_T = torch.randn((batch, C, S, S), generator=x_T_generator).to(device)
+        x_0 = run_sampler(diffusion, model, x_T, args, amp, z_generator, progress)
+        images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+    return torch.cat(images)[:n]  # (n, C, H, W), [-1, 1] -> {0..255}
+
+
+def write_samples(args):
+    """sample: --num-samples images from a checkpoint alone, as PNG files or one npz."""
+    device, amp = setup_device(args)
+    model, diffusion, cfg = load_sampler(args, device)
     out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     prepare_out_dir(out_dir)
-    if (
-        args.format == "png"
-    ):  # images of an earlier, larger run would stay beside these, and FID would read both
-        ours = {f"{k:06d}.png" for k in range(args.num_samples)}
-        stale = [p for p in (out_dir / "images").glob("*.png") if p.name not in ours]
+    n, folder = args.num_samples, out_dir / "images"
+    if args.format == "png":  # an earlier, larger run's images would stay, and FID read them too
+        ours = {f"{k:06d}.png" for k in range(n)}
+        stale = [p for p in folder.glob("*.png") if p.name not in ours]
         if stale:
             raise UserError(
-                f"{out_dir / 'images'} holds {len(stale)} PNG file(s) that this run would not replace, "
-                f"e.g. {stale[0].name} (FID would read them too); choose another --out-dir"
+                f"{folder} holds {len(stale)} PNG file(s) that this run would not replace, e.g. "
+                f"{stale[0].name} (FID would read them too); choose another --out-dir"
             )
-    C, S, n, B = (
-        cfg["channels"],
-        cfg["image_size"],
-        args.num_samples,
-        min(args.batch_size, args.num_samples),
-    )
-    noise_gen = torch.Generator().manual_seed(
-        args.seed
-    )  # x_T, drawn on the CPU: device-independent
-    z_gen = torch.Generator(device).manual_seed(args.seed)  # the z of each step
-    progress = sampling_progress(
-        f"sampling {n} images", args, cfg["timesteps"], device, B, math.ceil(n / B)
-    )
-    sampler_model, images = maybe_compile(model, args), []
-    for _ in range(0, n, B):  # whole batches only (one compiled shape); extras are dropped
-        x_0 = run_sampler(
-            diffusion,
-            sampler_model,
-            torch.randn((B, C, S, S), generator=noise_gen).to(device),
-            args,
-            dtype,
-            z_gen,
-            progress,
-        )
-        images.append(
-            ((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-        )  # [-1, 1] -> {0..255}
-    images = torch.cat(images)[:n]  # (N, C, H, W) uint8
+    images = generate(model, diffusion, cfg, args, device, amp, n)  # (n, C, H, W) uint8
     save_grid(images[:64].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
-        (out_dir / "images").mkdir(exist_ok=True)
-        progress = Progress(f"writing {out_dir / 'images'}", n)
+        folder.mkdir(exist_ok=True)
+        progress = Progress(f"writing {folder}", n)
         for k, img in enumerate(images):
-            save_image(img / 255.0, out_dir / "images" / f"{k:06d}.png")  # 8-bit values, exactly
+            save_image(img / 255.0, folder / f"{k:06d}.png")  # 8-bit values, exactly
             progress.tick()
-        print(f"wrote {n} images to {out_dir / 'images'} and a grid to {out_dir / 'grid.png'}")
+        print(f"wrote {n} images to {folder} and a grid to {out_dir / 'grid.png'}")
     else:  # one uint8 array (N, H, W, C), stored under the default key arr_0
         np.savez(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy())
-        print(f"wrote {out_dir / 'samples.npz'} ({n}, {S}, {S}, {C}) and {out_dir / 'grid.png'}")
+        print(
+            f"wrote {out_dir / 'samples.npz'} {tuple(images.permute(0, 2, 3, 1).shape)} and "
+            f"{out_dir / 'grid.png'}"
+        )
 
 
-def forward(args):
-    """The forward-process picture [Eq. 4]: a row per image, x_0 then q_sample at t = T/10, ..., T,
-    with one eps per row so that each row shows one noise growing."""
-    x_0 = (
-        load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images).float() / 127.5
-        - 1
-    )
+def draw_forward_process(args):
+    """forward: the forward-process picture [Eq. 4]. A row per image, x_0 then q_sample at
+    t = T/10, ..., T, with one eps per row so that each row shows one noise growing."""
+    images = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images)
+    x_0 = images.float() / 127.5 - 1  # (n, C, H, W)
     diffusion = GaussianDiffusion(SCHEDULES[args.schedule](args.timesteps))
     T, n = diffusion.num_timesteps, x_0.shape[0]
     steps = [max(0, T * k // 10 - 1) for k in range(1, 11)]  # code t of paper t = T/10, ..., T
-    noise = torch.randn(
-        x_0.shape, generator=torch.Generator().manual_seed(args.seed)
-    )  # (n, C, H, W)
-    cols = [x_0] + [diffusion.q_sample(x_0, torch.full((n,), t), noise) for t in steps]
+    noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(args.seed))
+    columns = [x_0] + [diffusion.q_sample(x_0, torch.full((n,), t), noise) for t in steps]
     prepare_out_dir(out_dir := Path(args.out_dir))
-    save_grid(
-        torch.stack(cols, dim=1).flatten(0, 1), out_dir / "forward_process.png", nrow=len(cols)
-    )
+    grid = torch.stack(columns, dim=1).flatten(0, 1)  # (n * 11, C, H, W), row by row
+    save_grid(grid, out_dir / "forward_process.png", nrow=len(columns))
     print(
         f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = "
         + ", ".join(str(t + 1) for t in steps)
     )
 
 
-BENCH_CPU = {
-    "image_size": 16,
-    "base_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attn_resolutions": [8],
-    "batch_size": 32,
-    "sample_batch_size": 32,
-    "steps": 20,
-    "warmup_steps": 3,
-}  # the quick start's network
+BENCH_CPU = {  # the quick start's network, and few steps: a CPU bench ends within a minute
+    **dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1),
+    **dict(attn_resolutions=[8], batch_size=32, sample_batch_size=32, steps=20, warmup_steps=3),
+}
 
 
-def bench(args):
-    """Time --steps training steps (all of Alg. 1) and sampler network evaluations on random data, after
-    --warmup-steps of each (compiling included); --profile N: then profile N training steps."""
-    device, dtype = setup_device(args)
+def benchmark(args):
+    """bench: time --steps training iterations (all of Alg. 1) and sampler network evaluations on
+    random data, after --warmup-steps of each (compiling included); --profile N: then profile N
+    training iterations."""
+    device, amp = setup_device(args)
     if device.type == "cpu":  # the GPU defaults (the paper's network at batch 128) take hours here
         vars(args).update(cpu := {k: v for k, v in BENCH_CPU.items() if k not in args.explicit})
-        print(
-            "bench on a CPU, with its CPU defaults for the flags not typed: "
-            + " ".join(
-                f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in cpu.items()
-            )
-        )
+        text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+        flags = " ".join(f"--{k.replace('_', '-')} {text(v)}" for k, v in cpu.items())
+        print(f"bench on a CPU, with its CPU defaults for the flags not typed: {flags}")
     torch.manual_seed(args.seed)
-    C, S, B = 3, args.image_size, args.batch_size
-    net, model, ema, diffusion, optimizer, scheduler, scaler = build_training(args, C, device)
+    C, S, B, sample_batch = 3, args.image_size, args.batch_size, args.sample_batch_size
+    run, diffusion = build_training(args, C, device, amp)
     data = torch.randint(0, 256, (4 * B, C, S, S), dtype=torch.uint8, device=device)
-    x_t = torch.randn(args.sample_batch_size, C, S, S, device=device)
-    t = torch.randint(0, args.timesteps, (args.sample_batch_size,), device=device)
-    sampler_model = maybe_compile(ema, args)  # as in sample
+    x_t = torch.randn(sample_batch, C, S, S, device=device)
+    t = torch.randint(0, args.timesteps, (sample_batch,), device=device)
+    sampler_model = maybe_compile(run.ema, args)  # as in sample
+    cuda = device.type == "cuda"
     where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu, {torch.get_num_threads()} threads"
+        torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
     )
     print(
-        f"bench: {args.model}, {count_parameters(net):,} parameters, {S}x{S}, amp {dtype}, compile {args.compile}, "
-        f"{where}, torch {torch.__version__}\n{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}"
+        f"bench: {args.model}, {count_parameters(run.net):,} parameters, {S}x{S}, amp {amp}, "
+        f"compile {args.compile}, {where}, torch {torch.__version__}"
     )
+    print(f"{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}")
 
-    def train_fn(k):  # one whole training step: loss, backward, clipping, Adam, LR, EMA
-        train_step(
-            model,
-            diffusion,
-            optimizer,
-            scaler,
-            get_batch(data, torch.arange(k % 4 * B, (k % 4 + 1) * B), True),
-            args.grad_clip,
-            dtype,
-        )
-        scheduler.step()
-        ema_update(ema, net, k, args.ema_decay)
+    def train_fn(k):  # one whole training iteration: batch, loss, backward, clipping, Adam, EMA
+        train_iteration(run, diffusion, data, k)
 
     def sample_fn(k):  # one network evaluation of a sampler step, as in p_sample
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
-        ):
+        with torch.inference_mode(), torch.autocast(device.type, amp, enabled=amp is not None):
             sampler_model(x_t, t)
 
     def timed(name, fn, n, batch):
         progress, sync = (
             Progress(f"bench: {name}", n, batch),
-            torch.cuda.synchronize if device.type == "cuda" else int,
+            torch.cuda.synchronize if cuda else int,
         )
         sync()
         t0 = time.perf_counter()
@@ -1510,50 +1541,38 @@ def bench(args):
         sync()
         return time.perf_counter() - t0
 
-    for name, fn, batch in (("train", train_fn, B), ("sample", sample_fn, args.sample_batch_size)):
-        warm, seconds = (
-            timed(f"{name} warm-up", fn, args.warmup_steps, batch),
-            timed(name, fn, args.steps, batch),
-        )
-        print(
-            f"{name:8} {batch:>6} {args.steps * batch / seconds:>10,.1f} {1e3 * seconds / args.steps:>9.2f} {warm:>10.1f}",
-            flush=True,
-        )  # each row as soon as it is measured
-        if name == "train" and device.type == "cuda":
-            print(
-                f"peak GPU memory while training: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-            )
+    for name, fn, batch in (("train", train_fn, B), ("sample", sample_fn, sample_batch)):
+        warm = timed(f"{name} warm-up", fn, args.warmup_steps, batch)
+        seconds = timed(name, fn, args.steps, batch)
+        rate, ms = args.steps * batch / seconds, 1e3 * seconds / args.steps
+        print(f"{name:8} {batch:>6} {rate:>10,.1f} {ms:>9.2f} {warm:>10.1f}", flush=True)
+        if name == "train" and cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            print(f"peak GPU memory while training: {peak:.2f} GiB")
     print("sample = one network evaluation per image, what one step of a sampler costs")
     if (
         args.profile
-    ):  # where a step's time goes: the operators (and, on a GPU, kernels) that took longest
-        on_gpu = device.type == "cuda"
-        activities = [torch.profiler.ProfilerActivity.CPU] + [
-            torch.profiler.ProfilerActivity.CUDA
-        ] * on_gpu
+    ):  # where a step's time goes: the operators (on a GPU, kernels) that took longest
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
         with torch.profiler.profile(activities=activities) as prof:
             seconds = timed("profile", train_fn, args.profile, B)
+        by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70))
         print(
-            prof.key_averages().table(
-                sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
-                row_limit=25,
-                max_name_column_width=70,
-            )
-        )
-        print(
-            f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per step (wall clock, profiler on)"
+            f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per "
+            "step (wall clock, profiler on)"
         )
 
 
-def compare(args):
-    """Loss curves side by side: each run's mean loss (its log.csv) over 8 stretches of the steps all reached."""
+def compare_runs(args):
+    """compare: loss curves side by side, each run's mean loss (its log.csv) over 8 stretches of
+    the steps all reached."""
     runs = {}
     for folder in map(Path, args.runs):
         try:
-            with open(folder / "log.csv", newline="") as f:
-                rows = {
-                    int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)
-                }  # a step logged twice: its last row
+            with open(folder / "log.csv", newline="") as f:  # a step logged twice: its last row
+                rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"{folder / 'log.csv'}: not a log written by train ({e})")
         if not rows:
@@ -1569,14 +1588,19 @@ def compare(args):
 
 # --- Command line --------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UserError, i.e. one line and exit status 2."""
+    """argparse that reports a bad flag as a UserError, i.e. one line and exit status 2, and ends
+    every flag's help with its default."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see: python {self.prog} --help)")
 
 
 def checked(kind, ok, must):
-    """An argparse type: kind(text), refused with "must be {must}" unless ok(value) (NaN never is)."""
+    """An argparse type: kind(text), refused with "must be {must}" unless ok(value) (NaN never
+    is)."""
 
     def number(text):
         if not ok(value := kind(text)):
@@ -1586,349 +1610,163 @@ def checked(kind, ok, must):
     return number
 
 
-AT_LEAST_1, AT_LEAST_2 = (
-    checked(int, lambda v: v >= 1, "at least 1"),
-    checked(int, lambda v: v >= 2, "at least 2"),
-)
-COUNT, NONNEGATIVE = (
-    checked(int, lambda v: v >= 0, "0 or more"),
-    checked(float, lambda v: v >= 0, "0 or more"),
-)
-POSITIVE, FRACTION = (
-    checked(float, lambda v: v > 0, "more than 0"),
-    checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1"),
-)
+def whole(lo, hi=None):
+    """An integer flag from lo to hi. The bounds keep a number within what torch holds (64-bit
+    seeds and sizes) and what builds in reasonable time; lo alone for counts that may be large."""
+    must = "0 or more" if lo == 0 else f"at least {lo}"
+    must = must if hi is None else f"from {lo} to {hi:,}"
+    return checked(int, lambda v: lo <= v <= (math.inf if hi is None else hi), must)
 
 
-def int_list(text):
-    """'1,2,2,2' -> [1, 2, 2, 2]; '' -> []. Every value must be a positive integer."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = [0]  # not integers: the same error below
-    if min(values, default=1) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers, got {text!r}"
-        )
+def int_list(hi):
+    """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], each value from 1 to hi, at most 16 of them."""
+
+    def values(text):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = [0]  # not integers: the same error below
+        if not 1 <= min(values, default=1) <= max(values, default=1) <= hi or len(values) > 16:
+            raise argparse.ArgumentTypeError(
+                f"expected up to 16 comma-separated positive integers of at most {hi}, got {text!r}"
+            )
+        return values
+
     return values
+
+
+finite = math.isfinite
+COUNT, NONNEGATIVE = whole(0), checked(float, lambda v: v >= 0, "0 or more")
+FINITE_NONNEGATIVE = checked(float, lambda v: finite(v) and v >= 0, "0 or more, and finite")
+POSITIVE = checked(float, lambda v: v > 0, "more than 0")
+FINITE_POSITIVE = checked(float, lambda v: finite(v) and v > 0, "more than 0, and finite")
+FRACTION = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+SEED = whole(0, 2**32 - 1)  # numpy's range; each process's streams add to it
+BATCH = whole(1, 2**20)
+
+
+# The flags, one row each: (flag, type, default, help[, more argparse keywords]). A list as the type
+# gives the choices, bool makes a switch. A help ends with "; paper: X" where that matters.
+NETWORK_FLAGS = [
+    ("--model", list(MODELS), "res_att", "conv, res or res_att; paper: res_att"),
+    ("--image-size", whole(1, 4096), 32, "image side in pixels"),
+    ("--base-channels", whole(32, 4096), 128, "channels at full resolution, a multiple of 32"),
+    ("--channel-mult", int_list(64), [1, 2, 2, 2], "channel multiplier per level, e.g. 1,2,2,2"),
+    ("--num-res-blocks", whole(1, 64), 2, "residual blocks per level going down"),
+    ("--attn-resolutions", int_list(4096), [16], "resolutions with self-attention (res_att)"),
+    ("--dropout", FRACTION, 0.1, "dropout in every block"),
+    ("--timesteps", whole(2, 100_000), 1000, "diffusion steps T"),
+    ("--schedule", list(SCHEDULES), "linear", "beta schedule; paper: linear 1e-4 to 0.02"),
+]
+COMPILE_HELP = """torch.compile the network (a slow first step, faster after) in mode MODE; auto:
+reduce-overhead (CUDA graphs) when training on one GPU, default otherwise; None: off"""
+RUNTIME_FLAGS = [
+    ("--device", ["auto", "cpu", "cuda", "mps"], "auto", "auto: cuda, then mps, then cpu"),
+    ("--amp", ["auto", "bf16", "fp16", "none"], "auto", "auto: bf16 on CUDA, else none (float32)"),
+    ("--seed", SEED, 0, "random seed"),
+    (
+        "--compile",
+        ["auto", "default", "reduce-overhead", "max-autotune"],
+        None,
+        COMPILE_HELP,
+        dict(nargs="?", const="auto", metavar="MODE"),
+    ),
+]
+SAMPLER_FLAGS = [
+    ("--sampler", ["auto", "ddpm", "ddim", "dpm++"], "auto", "auto: ddpm on CUDA, else dpm++"),
+    ("--sample-steps", whole(2), None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
+    ("--eta", FINITE_NONNEGATIVE, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
+    ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
+]
+DATA_FLAGS = [
+    ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
+    ("--data-dir", str, "data", "the dataset's folder; for folder, any tree of .png/.jpg files"),
+]
+TRAIN_FLAGS = [
+    ("--no-flip", bool, False, "no random horizontal flips (they are for cifar10 and folder)"),
+    ("--epochs", whole(1), 100, "passes over the data; paper: 800k steps, about 2000"),
+    ("--max-steps", COUNT, 0, "stop after this many steps if sooner; 0: no limit"),
+    ("--batch-size", BATCH, 128, "global batch; paper: 128"),
+    ("--lr", FINITE_POSITIVE, 2e-4, "Adam learning rate; paper: 2e-4"),
+    ("--warmup", COUNT, 5000, "linear learning-rate warm-up steps; paper: 5000"),
+    ("--grad-clip", POSITIVE, 1.0, "clip the global gradient norm to this; inf: no clipping"),
+    ("--ema-decay", FRACTION, 0.9999, "EMA decay, warmed up; paper: 0.9999"),
+    ("--out-dir", str, None, "where ckpt.pt, log.csv and pictures go; None: runs/<model>"),
+    ("--resume", bool, False, "continue the run in --out-dir from its ckpt.pt"),
+    (
+        "--ckpt-minutes",
+        NONNEGATIVE,
+        5,
+        "save ckpt.pt so often, at the end and on a stop; 0: only then",
+    ),
+    ("--ckpt-every", COUNT, 0, "also save every N steps; 0: off"),
+    ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
+    ("--log-every", whole(1), 100, "a log.csv row every N steps"),
+    ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
+]
+SAMPLE_FLAGS = [
+    ("--ckpt", str, None, "a ckpt.pt written by train", dict(required=True)),
+    ("--num-samples", whole(1, 10_000_000), 64, "how many images; an FID takes 50000"),
+    ("--batch-size", BATCH, 500, "images per sampler batch"),
+    ("--weights", ["ema", "model"], "ema", "the EMA or the raw weights; paper: ema"),
+    ("--format", ["png", "npz"], "png", "png files and a grid, or one uint8 (N, H, W, C) npz"),
+    ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
+]
+FORWARD_FLAGS = [
+    ("--image-size", whole(1, 4096), 32, "image side in pixels"),
+    ("--timesteps", whole(2, 100_000), 1000, "diffusion steps T"),
+    ("--schedule", list(SCHEDULES), "linear", "beta schedule"),
+    ("--num-images", whole(1), 8, "rows, one image each"),
+    ("--seed", SEED, 0, "random seed of the noise"),
+    ("--out-dir", str, "runs", "writes forward_process.png there"),
+]
+BENCH_FLAGS = [
+    ("--batch-size", BATCH, 128, "training batch; on a CPU 32"),
+    ("--sample-batch-size", BATCH, 500, "sampling batch; on a CPU 32"),
+    ("--steps", whole(1), 20, "timed calls of each"),
+    ("--warmup-steps", COUNT, 5, "untimed calls first, compiling included; on a CPU 3"),
+    ("--profile", COUNT, 0, "then profile N training steps: the slowest operators or kernels"),
+]
+
+
+def add_flags(parser, title, rows):
+    """Add a group of flags, from rows (flag, type, default, help[, more keywords])."""
+    group = parser.add_argument_group(title)
+    for flag, kind, default, text, *more in rows:
+        kwargs = {"choices": kind} if isinstance(kind, list) else {"type": kind}
+        kwargs = {"action": "store_true"} if kind is bool else kwargs
+        group.add_argument(flag, default=default, help=text, **kwargs, **(more[0] if more else {}))
+
+
+COMMANDS = {  # name: (its function, its groups of flags, its help)
+    "train": (train, "network runtime data sampler training", "train a model (Algorithm 1)"),
+    "sample": (write_samples, "runtime sampler sample", "generate images from a checkpoint"),
+    "forward": (draw_forward_process, "data forward", "picture the forward (noising) process"),
+    "bench": (benchmark, "network runtime bench", "measure training and sampling speed"),
+    "compare": (compare_runs, "", "compare the loss curves of runs"),
+}
+FLAGS = {
+    **dict(network=NETWORK_FLAGS, runtime=RUNTIME_FLAGS, sampler=SAMPLER_FLAGS),
+    **dict(data=DATA_FLAGS, training=TRAIN_FLAGS, sample=SAMPLE_FLAGS),
+    **dict(forward=FORWARD_FLAGS, bench=BENCH_FLAGS),
+}
 
 
 def build_parser():
     """The five commands and their flags; returns (parser, {command: subparser})."""
-    net = Parser(add_help=False)
-    g = net.add_argument_group("network")
-    g.add_argument(
-        "--model",
-        choices=MODELS,
-        default="res_att",
-        help="conv, res or res_att (default: %(default)s; paper: res_att)",
+    description = (
+        "Denoising Diffusion Probabilistic Models (Ho et al. 2020). With no command, trains."
     )
-    g.add_argument(
-        "--image-size",
-        type=AT_LEAST_1,
-        default=32,
-        help="image side in pixels (default: %(default)s)",
-    )
-    g.add_argument(
-        "--base-channels",
-        type=int,
-        default=128,
-        help="channels at full resolution, a multiple of 32 (default: %(default)s)",
-    )
-    g.add_argument(
-        "--channel-mult",
-        type=int_list,
-        default=[1, 2, 2, 2],
-        help="channel multiplier per level, comma-separated (default: 1,2,2,2)",
-    )
-    g.add_argument(
-        "--num-res-blocks",
-        type=int,
-        default=2,
-        help="blocks per level going down (default: %(default)s)",
-    )
-    g.add_argument(
-        "--attn-resolutions",
-        type=int_list,
-        default=[16],
-        help="resolutions with self-attention, res_att only (default: 16)",
-    )
-    g.add_argument(
-        "--dropout",
-        type=FRACTION,
-        default=0.1,
-        help="dropout in every block (default: %(default)s)",
-    )
-    g.add_argument(
-        "--timesteps",
-        type=AT_LEAST_2,
-        default=1000,
-        help="diffusion steps T (default: %(default)s)",
-    )
-    g.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default="linear",
-        help="beta schedule (default: %(default)s; paper: linear 1e-4 to 0.02)",
-    )
-    run = Parser(add_help=False)
-    g = run.add_argument_group("runtime")
-    g.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda", "mps"],
-        default="auto",
-        help="auto: cuda, then mps, then cpu (default: %(default)s)",
-    )
-    g.add_argument(
-        "--amp",
-        choices=["auto", "bf16", "fp16", "none"],
-        default="auto",
-        help="mixed precision; auto: bf16 on CUDA, none elsewhere (default: %(default)s; paper: TPU bfloat16)",
-    )
-    g.add_argument(
-        "--compile",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="MODE",
-        choices=["auto", "default", "reduce-overhead", "max-autotune"],
-        help="torch.compile the network: slow first step, faster after; auto = reduce-overhead (CUDA graphs) when training on one GPU, default otherwise (default: off)",
-    )
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    sampling = Parser(add_help=False)
-    g = sampling.add_argument_group("sampler")
-    g.add_argument(
-        "--sampler",
-        choices=["auto", "ddpm", "ddim", "dpm++"],
-        default="auto",
-        help="ddpm: Algorithm 2, T steps; ddim: Song et al.; dpm++: DPM-Solver++(2M), Lu et al.; auto: ddpm on CUDA, dpm++ elsewhere (default: %(default)s; paper: ddpm)",
-    )
-    g.add_argument(
-        "--sample-steps",
-        type=AT_LEAST_2,
-        default=None,
-        help="ddim and dpm++ steps (default: 100 for ddim, 20 for dpm++)",
-    )
-    g.add_argument(
-        "--eta",
-        type=NONNEGATIVE,
-        default=0.0,
-        help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)",
-    )
-    g.add_argument(
-        "--variance",
-        choices=["fixedlarge", "fixedsmall"],
-        default="fixedlarge",
-        help="ddpm's sigma_t^2: beta_t (fixedlarge) or beta_tilde_t (fixedsmall) (default: %(default)s; paper: fixedlarge for CIFAR-10)",
-    )
-    data = Parser(add_help=False)
-    g = data.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        choices=[*TORCHVISION_DATASETS, "folder"],
-        default="cifar10",
-        help="(default: %(default)s; paper: cifar10)",
-    )
-    g.add_argument(
-        "--data-dir",
-        default="data",
-        help="dataset folder; for 'folder', any tree of .png/.jpg images (default: %(default)s)",
-    )
-
-    parser = Parser(
-        prog="ddpm.py",
-        description="Denoising Diffusion Probabilistic Models (Ho et al. 2020). With no command, trains.",
-        allow_abbrev=False,
-    )
-    sub, commands = (
-        parser.add_subparsers(dest="command", metavar="{train,sample,forward,bench,compare}"),
-        {},
-    )
-    p = commands["train"] = sub.add_parser(
-        "train",
-        parents=[net, run, data, sampling],
-        allow_abbrev=False,
-        help="train a model (Algorithm 1)",
-        description="Train eps_theta with Algorithm 1.",
-    )
-    g = p.add_argument_group("training")
-    g.add_argument(
-        "--no-flip",
-        action="store_true",
-        help="no random horizontal flips (default: flips for cifar10 and folder)",
-    )
-    g.add_argument(
-        "--epochs",
-        type=AT_LEAST_1,
-        default=100,
-        help="passes over the data (default: %(default)s; paper: 800k steps, ~2000 epochs)",
-    )
-    g.add_argument(
-        "--max-steps",
-        type=COUNT,
-        default=0,
-        help="stop after this many steps if sooner; 0: no limit (default: %(default)s)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=AT_LEAST_1,
-        default=128,
-        help="global batch (default: %(default)s; paper: 128)",
-    )
-    g.add_argument(
-        "--lr",
-        type=POSITIVE,
-        default=2e-4,
-        help="Adam learning rate (default: %(default)s; paper: 2e-4)",
-    )
-    g.add_argument(
-        "--warmup",
-        type=COUNT,
-        default=5000,
-        help="linear LR warm-up steps (default: %(default)s; paper: 5000)",
-    )
-    g.add_argument(
-        "--grad-clip",
-        type=POSITIVE,
-        default=1.0,
-        help="clip the global gradient norm to this; inf: no clipping (default: %(default)s; paper: 1.0)",
-    )
-    g.add_argument(
-        "--ema-decay",
-        type=FRACTION,
-        default=0.9999,
-        help="EMA decay, warmed up (default: %(default)s; paper: 0.9999)",
-    )
-    g.add_argument(
-        "--out-dir",
-        default=None,
-        help="where ckpt.pt, log.csv and pictures go (default: runs/<model>)",
-    )
-    g.add_argument(
-        "--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt"
-    )
-    g.add_argument(
-        "--ckpt-minutes",
-        type=NONNEGATIVE,
-        default=5,
-        help="save ckpt.pt every this many minutes, and at the end and on a stop; 0: only then (default: %(default)s)",
-    )
-    g.add_argument(
-        "--ckpt-every",
-        type=COUNT,
-        default=0,
-        help="also save every N steps; 0: off (default: %(default)s)",
-    )
-    g.add_argument(
-        "--sample-every",
-        type=COUNT,
-        default=10,
-        help="a sample grid every N epochs; 0: never (default: %(default)s)",
-    )
-    g.add_argument(
-        "--log-every",
-        type=AT_LEAST_1,
-        default=100,
-        help="a log.csv row every N steps (default: %(default)s)",
-    )
-    g.add_argument(
-        "--wandb", action="store_true", help="log to Weights & Biases (needs: pip install wandb)"
-    )
-    p = commands["sample"] = sub.add_parser(
-        "sample",
-        parents=[run, sampling],
-        allow_abbrev=False,
-        help="generate images from a checkpoint",
-        description="Generate images from a checkpoint.",
-    )
-    p.add_argument("--ckpt", required=True, help="a ckpt.pt written by train")
-    p.add_argument(
-        "--num-samples", type=AT_LEAST_1, default=64, help="(default: %(default)s; FID: 50000)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=AT_LEAST_1,
-        default=500,
-        help="images per sampler batch (default: %(default)s)",
-    )
-    p.add_argument(
-        "--weights",
-        choices=["ema", "model"],
-        default="ema",
-        help="(default: %(default)s; paper: ema)",
-    )
-    p.add_argument(
-        "--format",
-        choices=["png", "npz"],
-        default="png",
-        help="png: a grid and one file per image; npz: one uint8 (N, H, W, C) array (default: %(default)s)",
-    )
-    p.add_argument(
-        "--out-dir", default=None, help="(default: a samples/ folder beside the checkpoint)"
-    )
-    p = commands["forward"] = sub.add_parser(
-        "forward",
-        parents=[data],
-        allow_abbrev=False,
-        help="picture of the forward (noising) process",
-        description="Picture of q(x_t | x_0) on real images.",
-    )
-    p.add_argument("--image-size", type=AT_LEAST_1, default=32, help="(default: %(default)s)")
-    p.add_argument("--timesteps", type=AT_LEAST_2, default=1000, help="T (default: %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="(default: %(default)s)")
-    p.add_argument("--num-images", type=AT_LEAST_1, default=8, help="rows (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument(
-        "--out-dir", default="runs", help="writes forward_process.png there (default: %(default)s)"
-    )
-    p = commands["compare"] = sub.add_parser(
-        "compare",
-        allow_abbrev=False,
-        help="compare the loss curves of runs",
-        description="Mean loss per stretch of steps for each run, as a table.",
-    )
-    p.add_argument("runs", nargs="+", help="run folders (each with the log.csv that train wrote)")
-    p = commands["bench"] = sub.add_parser(
-        "bench",
-        parents=[net, run],
-        allow_abbrev=False,
-        help="measure training and sampling speed",
-        description="Training and sampling images/s on random data. On a CPU the flags not typed take small defaults, so that it ends within a minute.",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=AT_LEAST_1,
-        default=128,
-        help="training batch (default: %(default)s; on a CPU 32)",
-    )
-    p.add_argument(
-        "--sample-batch-size",
-        type=AT_LEAST_1,
-        default=500,
-        help="sampling batch (default: %(default)s; on a CPU 32)",
-    )
-    p.add_argument(
-        "--steps", type=AT_LEAST_1, default=20, help="timed calls of each (default: %(default)s)"
-    )
-    p.add_argument(
-        "--warmup-steps",
-        type=COUNT,
-        default=5,
-        help="untimed calls first, compiling included (default: %(default)s; on a CPU 3)",
-    )
-    p.add_argument(
-        "--profile",
-        type=COUNT,
-        default=0,
-        metavar="N",
-        help="then profile N training steps and print the slowest operators/kernels (default: %(default)s, off)",
-    )
-    p.set_defaults(
-        **{
-            name: commands["train"].get_default(name)
-            for name in ("lr", "grad_clip", "ema_decay", "warmup")
-        }
-    )  # read by the step
+    parser = Parser(prog="ddpm.py", allow_abbrev=False, description=description)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    commands = {}
+    for name, (_, groups, what) in COMMANDS.items():
+        p = commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
+        for group in groups.split():
+            add_flags(p, group, FLAGS[group])
+    commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
+    for flag in ("lr", "grad_clip", "ema_decay", "warmup"):  # read by the training iteration
+        commands["bench"].set_defaults(**{flag: commands["train"].get_default(flag)})
     return parser, commands
 
 
@@ -1939,35 +1777,28 @@ def parse_args(argv):
     if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv.insert(0, "train")
     args = parser.parse_args(argv)
+    typed = {tok.split("=")[0] for tok in argv}  # a resume may not contradict these
     args.explicit = {
-        a.dest
-        for a in commands[
-            args.command
-        ]._actions  # the flags typed (a resume may not contradict them)
-        if any(tok.split("=")[0] in a.option_strings for tok in argv)
+        a.dest for a in commands[args.command]._actions if typed & set(a.option_strings)
     }
     return args
 
 
 def main(argv=None):
-    """Run a command; returns 0, 2 for bad input (one line on stderr) or 130 for Ctrl-C. Under torchrun
-    only rank 0 prints that line; the other ranks exit alike."""
-    say = (
-        (lambda line: print(line, file=sys.stderr))
-        if os.environ.get("RANK", "0") == "0"
-        else (lambda line: None)
-    )
+    """Run a command; returns 0, 2 for bad input (one line on stderr) or 130 for Ctrl-C. Under
+    torchrun only rank 0 prints that line; the other ranks exit alike."""
+    rank0 = os.environ.get("RANK", "0") == "0"
+    say = lambda line: print(line, file=sys.stderr) if rank0 else None  # noqa: E731
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        {"train": train, "sample": sample, "forward": forward, "bench": bench, "compare": compare}[
-            args.command
-        ](args)
+        COMMANDS[args.command][0](args)
     except UserError as e:
         say(f"ddpm.py: error: {e}")
         return 2
     except torch.cuda.OutOfMemoryError:  # training keeps its last checkpoint: it was saved whole
         say(
-            "ddpm.py: error: out of GPU memory; use a smaller --batch-size (bench: and --sample-batch-size)"
+            "ddpm.py: error: out of GPU memory; use a smaller --batch-size (bench: and "
+            "--sample-batch-size)"
         )
         return 2
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
