@@ -628,21 +628,17 @@ def cosine_beta_schedule(timesteps, s=0.008):
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
 
 
-SCHEDULES = {
-    "linear": linear_beta_schedule,
-    "cosine": cosine_beta_schedule,
-}  # the names --schedule takes
+SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}  # --schedule
 
 
 def ddim_timesteps(num_timesteps, steps):
-    """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps floor(i * (T-1) /
-    (steps-1)), i = steps-1..0, strictly decreasing from T-1 (pure noise) to 0 (the last lands on
-    x_0)."""
-    if not 2 <= steps <= num_timesteps:
-        raise ValueError(f"need 2 <= steps <= T = {num_timesteps}, got {steps}")
-    return [
-        i * (num_timesteps - 1) // (steps - 1) for i in reversed(range(steps))
-    ]  # spacing >= 1: distinct
+    """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps
+    floor(i * (T-1) / (steps-1)), i = steps-1..0, strictly decreasing (their spacing is at least 1)
+    from T-1 (pure noise) to 0 (the last lands on x_0)."""
+    T = num_timesteps
+    if not 2 <= steps <= T:
+        raise ValueError(f"need 2 <= steps <= T = {T}, got {steps}")
+    return [i * (T - 1) // (steps - 1) for i in reversed(range(steps))]
 
 
 @torch.inference_mode()
@@ -664,9 +660,8 @@ def ddim_sample_loop(
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
         a = diffusion.alphas_cumprod[t]  # alpha_bar_t
-        a_prev = (
-            one if last else diffusion.alphas_cumprod[timesteps[i + 1]]
-        )  # alpha_bar_{tau_{i-1}}
+        # alpha_bar of the next step, tau_{i-1}: 1 after the last
+        a_prev = one if last else diffusion.alphas_cumprod[timesteps[i + 1]]
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)  # (B,)
         eps = model(x_t, t_batch)
         x_0_pred = diffusion.predict_x0_from_eps(x_t, t_batch, eps)  # "predicted x_0" in Eq. 12
@@ -855,26 +850,21 @@ def load_image_folder(root, image_size, max_images=None):
 
 
 # --- The network on its device, and torch.compile ---------------------------------------------
-MAX_PARAMETERS = 2**32  # 16 GiB of float32 weights: more than any GPU holds with Adam's state
-
-
 def build_model(cfg):
     """The network a run's configuration describes (the parsed flags, or a checkpoint's config);
     its size is checked on the meta device first, where building it allocates nothing."""
     kwargs = {k: cfg[k] for k in ("base_channels", "num_res_blocks", "dropout", "image_size")}
     kwargs.update(channel_mult=tuple(cfg["channel_mult"]), in_channels=cfg["channels"])
     kwargs.update(attn_resolutions=tuple(cfg["attn_resolutions"]))
+    flags = "--image-size, --base-channels, --channel-mult or --num-res-blocks"
     try:
         with torch.device("meta"):
             size = count_parameters(MODELS[cfg["model"]](**kwargs))
     except ValueError as e:
+        raise UserError(f"{e} (flags {flags})")
+    if size > 2**32:  # 16 GiB of float32 weights, and three times that with Adam's state
         raise UserError(
-            f"{e} (flags --image-size, --base-channels, --channel-mult, --num-res-blocks)"
-        )
-    if size > MAX_PARAMETERS:
-        raise UserError(
-            f"that network would have {size:,} parameters, more than fit in memory: lower "
-            "--base-channels, --channel-mult or --num-res-blocks"
+            f"that network would have {size:,} parameters, too many to fit: lower {flags}"
         )
     return MODELS[cfg["model"]](**kwargs)
 
@@ -910,9 +900,8 @@ def prepare_network(net, device):
 
 
 def maybe_compile(module, args, cuda_graphs=False):
-    """torch.compile with the mode of --compile (the module itself when off). "auto" adds CUDA
-    graphs where cuda_graphs allows: a training step is a thousand short kernels, and a replayed
-    graph saves their launches."""
+    """torch.compile in --compile's mode (off: the module itself). auto adds CUDA graphs where
+    cuda_graphs allows: a replayed graph saves the launches of a step's thousand short kernels."""
     if not args.compile:
         return module
     mode = args.compile
@@ -948,10 +937,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(
-            f"cannot load {path}: truncated, or not a checkpoint written by ddpm.py "
-            f"({first_line(e)})"
-        )
+        raise UserError(f"cannot load {path}: truncated, or not from ddpm.py ({first_line(e)})")
     if isinstance(ckpt, dict) and ckpt.get("format") == "ddpm.py checkpoint 1":
         raise UserError(
             f"{path} is a format-1 checkpoint, whose layers had other names; sample or resume it "
@@ -1030,9 +1016,8 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
 
 # --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
 def build_training(args, channels, device, amp=None, world=1, flip=True):
-    """The Training of Part III for the network the flags describe, on its device, with the module
-    the step calls (net in DDP and/or torch.compile), and the diffusion. Returns (run,
-    diffusion)."""
+    """(run, diffusion): the Training of Part III for the network the flags describe, on device,
+    with the module the step calls (net in DDP and/or compiled), and the diffusion."""
     net = prepare_network(build_model({**vars(args), "channels": channels}), device)
     recipe = dict(grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed)
     run = make_training(
@@ -1078,13 +1063,9 @@ def open_run(args, out_dir, world, rank):
     if ckpt:
         resume_config(args, ckpt)
     elif ckpt_path.exists():
-        raise UserError(
-            f"{ckpt_path} exists: add --resume to continue it, or choose another --out-dir"
-        )
+        raise UserError(f"{ckpt_path} exists: add --resume to continue it, or another --out-dir")
     if args.batch_size % world:
-        raise UserError(
-            f"--batch-size {args.batch_size} must be divisible by the {world} processes"
-        )
+        raise UserError(f"--batch-size {args.batch_size} must divide among the {world} processes")
     if args.sample_steps and not 2 <= args.sample_steps <= args.timesteps:
         raise UserError(f"--sample-steps must be between 2 and --timesteps {args.timesteps}")
     wandb = import_wandb() if args.wandb and rank == 0 else None
@@ -1103,9 +1084,8 @@ def import_wandb():
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C and SIGTERM only note themselves in the list this yields: the loop stops between two
-    steps, and saves. An ignored SIGINT (a background job's) stays ignored; the handlers in place
-    before come back at the end."""
+    """Ctrl-C and SIGTERM only note themselves in the list this yields (the loop stops between two
+    steps, and saves); an ignored SIGINT stays ignored; the old handlers come back at the end."""
     requested, previous = [], {}
     if threading.current_thread() is threading.main_thread():  # where signals are delivered
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1129,9 +1109,7 @@ class Run:
         N, C, H, W = data.shape
         self.steps_per_epoch = N // args.batch_size  # NOTE(paper): full batches only
         if self.steps_per_epoch == 0:
-            raise UserError(
-                f"--batch-size {args.batch_size} is larger than the dataset ({N} images)"
-            )
+            raise UserError(f"--batch-size {args.batch_size} is more than the {N} images there are")
         self.total_steps = min(args.epochs * self.steps_per_epoch, args.max_steps or math.inf)
         flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
         self.training, self.diffusion = build_training(args, C, device, amp, world, flip)
@@ -1156,11 +1134,9 @@ class Run:
         torch.manual_seed(self.args.seed + self.rank)  # a different t, eps, flip, dropout per rank
         if not ckpt:
             return
-        run = self.training
-        for part in ("net", "ema", "optimizer", "scheduler"):
-            getattr(run, part).load_state_dict(ckpt["model" if part == "net" else part])
-        if ckpt["scaler"]:  # empty when saved without --amp fp16: then fp16 starts a fresh scale
-            run.scaler.load_state_dict(ckpt["scaler"])
+        for key, part in self.parts().items():
+            if ckpt[key]:  # an empty scaler state (saved without fp16): fp16 starts a fresh scale
+                part.load_state_dict(ckpt[key])
         self.step = self.saved_step = self.speed_step = self.logged_step = ckpt["step"]
         self.elapsed_before, rng = ckpt["elapsed"], ckpt["rng"]
         if len(rng["torch"]) == self.world:  # each rank continues its own random streams exactly
@@ -1170,9 +1146,9 @@ class Run:
         else:
             torch.manual_seed(self.args.seed + self.rank + self.world * self.step)
             if self.rank == 0:
+                saved = len(rng["torch"])
                 print(
-                    f"note: saved by {len(rng['torch'])} processes, resumed by {self.world}: "
-                    "new random streams"
+                    f"note: saved by {saved} processes, resumed by {self.world}: new random streams"
                 )
 
     def open_log(self, resumed):
@@ -1186,15 +1162,14 @@ class Run:
         self.log_file = open(self.out_dir / "log.csv", "w", newline="")
         csv.writer(self.log_file).writerows(rows)
         if self.wandb:
-            self.wandb.init(
-                project="ddpm.py", config=self.config, dir=str(self.out_dir), resume="allow"
-            )
-        size = "x".join(map(str, self.data_shape))  # N x C x H x W
-        print(
-            f"training {args.model} ({count_parameters(self.training.net):,} parameters) on "
-            f"{args.dataset} {size}, {self.device}, amp {self.amp}, compile {args.compile}; "
-            f"step {step}/{total}"
+            where = dict(dir=str(self.out_dir), resume="allow")  # a resumed run continues its page
+            self.wandb.init(project="ddpm.py", config=self.config, **where)
+        what = (
+            f"{args.model} ({count_parameters(self.training.net):,} parameters) on {args.dataset}"
         )
+        size = "x".join(map(str, self.data_shape))  # N x C x H x W
+        how = f"{self.device}, amp {self.amp}, compile {args.compile}"
+        print(f"training {what} {size}, {how}; step {step}/{total}")
         if args.warmup > total / 2:
             late = "never reaches" if args.warmup > total else "is late to reach"
             print(
@@ -1217,9 +1192,8 @@ class Run:
         except under fp16, whose scaler skips that update), without waiting for the GPU."""
         self.step += 1
         self.loss_sum += loss
-        finite = torch.isfinite(loss) & (
-            torch.isfinite(grad_norm) | self.training.scaler.is_enabled()
-        )
+        fp16 = self.training.scaler.is_enabled()
+        finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | fp16)
         self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, self.step)
 
     def decide(self, stop_requested, log_row):
@@ -1268,22 +1242,18 @@ class Run:
             raise UserError(error or "rank 0 could not write the checkpoint")
         self.saved_step, self.saved_at = self.step, time.time()
 
+    def parts(self):
+        """What a checkpoint saves the state_dict() of, by its key there."""
+        run, keys = self.training, ("model", "ema", "optimizer", "scheduler", "scaler")
+        return dict(zip(keys, (run.net, run.ema, run.optimizer, run.scheduler, run.scaler)))
+
     def state(self, ranks):
         """What ckpt.pt holds: tensors and plain values only (it loads with weights_only=True)."""
-        run = self.training
-        return {
-            "format": CKPT_FORMAT,
-            "config": self.config,
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "elapsed": self.elapsed_before + time.time() - self.started,
-            "model": run.net.state_dict(),
-            "ema": run.ema.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "rng": {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]},
-        }
+        elapsed = self.elapsed_before + time.time() - self.started
+        state = dict(format=CKPT_FORMAT, config=self.config, step=self.step, elapsed=elapsed)
+        state.update({key: part.state_dict() for key, part in self.parts().items()})
+        rng = {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]}
+        return dict(state, epoch=self.step // self.steps_per_epoch, rng=rng)
 
     def write_log(self, grad_norm):
         """A log.csv row and a console line, from tensors read here only."""
@@ -1299,16 +1269,11 @@ class Run:
         self.log_file.flush()
         self.logged_step, self.logged_at, self.speed_step, self.speed_from = step, now, step, now
         if wandb:
-            wandb.log(
-                {"loss": loss, "lr": lr, "grad_norm": float(row[4]), "images_per_s": speed},
-                step=step,
-            )
+            metrics = dict(loss=loss, lr=lr, grad_norm=float(row[4]), images_per_s=speed)
+            wandb.log(metrics, step=step)
         eta = (self.total_steps - step) * self.args.batch_size / max(speed, 1e-9) / 60
-        print(
-            f"step {step}/{self.total_steps} | epoch {row[1]} | loss {loss:.4f} | "
-            f"{speed:,.0f} img/s | lr {row[3]} | ETA {eta:.1f} min",
-            flush=True,
-        )
+        line = f"step {step}/{self.total_steps} | epoch {row[1]} | loss {loss:.4f} | "
+        print(line + f"{speed:,.0f} img/s | lr {row[3]} | ETA {eta:.1f} min", flush=True)
 
     def save_grid(self):
         """A grid of samples from the EMA weights and the fixed x_T, kept out of images/s."""
@@ -1318,40 +1283,33 @@ class Run:
         T = self.diffusion.num_timesteps
         progress = sampling_progress(f"grid for epoch {epoch}", self.args, T, self.device, 64)
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        x_0 = run_sampler(
-            self.diffusion,
-            self.training.ema,
-            self.grid_x_T,
-            self.args,
-            self.amp,
-            generator,
-            progress,
-        )
+        diffusion, ema = self.diffusion, self.training.ema
+        x_0 = run_sampler(diffusion, ema, self.grid_x_T, self.args, self.amp, generator, progress)
         save_grid(x_0, path, nrow=8)
+        self.log_picture(path)
+        self.speed_step, self.speed_from = self.step, time.time()
+
+    def log_picture(self, path):
         if self.wandb:
             self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
-        self.speed_step, self.speed_from = self.step, time.time()
 
     def finish(self):
         """The final pictures, from the EMA weights and the fixed x_T, and the last line."""
-        run, args = self.training, self.args
-        path = save_samples_and_trajectory(
-            self.diffusion, run.ema, self.grid_x_T, args, self.amp, self.out_dir
-        )
+        diffusion, ema, x_T = self.diffusion, self.training.ema, self.grid_x_T
+        path = save_samples_and_trajectory(diffusion, ema, x_T, self.args, self.amp, self.out_dir)
         minutes = (self.elapsed_before + time.time() - self.started) / 60
+        trajectory = self.out_dir / "reverse_process.png"
         print(
-            f"done: {self.step} steps in {minutes:.1f} min; {self.ckpt_path}, {path}, "
-            f"{self.out_dir / 'reverse_process.png'}"
+            f"done: {self.step} steps in {minutes:.1f} min; {self.ckpt_path}, {path}, {trajectory}"
         )
+        self.log_picture(path)
         if self.wandb:
-            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
             self.wandb.finish()
 
 
 def train(args):
-    """Train eps_theta with Algorithm 1, writing ckpt.pt, log.csv and pictures to --out-dir;
-    returns the network. Under torchrun every process (rank) runs it: rank 0 writes the files;
-    all ranks stop and save together."""
+    """Train eps_theta with Algorithm 1 into --out-dir (ckpt.pt, log.csv, pictures). Under torchrun
+    every process (rank) runs it: rank 0 writes the files; all stop and save together."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device, amp = setup_device(args)  # --device, --amp
     out_dir = Path(args.out_dir or f"runs/{args.model}")
@@ -1383,10 +1341,9 @@ def train(args):
         except KeyboardInterrupt:
             run.checkpoint()
             if rank == 0:
+                how = f"continue with --resume --out-dir {out_dir}"
                 print(
-                    f"\nstopped at step {run.step}: saved {run.ckpt_path}; continue with --resume "
-                    f"--out-dir {out_dir}",
-                    file=sys.stderr,
+                    f"\nstopped at step {run.step}: saved {run.ckpt_path}; {how}", file=sys.stderr
                 )
             raise
         finally:
@@ -1411,10 +1368,7 @@ def load_sampler(args, device):
     try:
         model.load_state_dict(ckpt[args.weights])
     except (KeyError, RuntimeError) as e:
-        raise UserError(
-            f"{args.ckpt} does not hold {args.weights} weights for its configuration "
-            f"({first_line(e)})"
-        )
+        raise UserError(f"{args.ckpt} holds no {args.weights} weights that fit ({first_line(e)})")
     model = prepare_network(model, device).eval()
     diffusion = GaussianDiffusion(SCHEDULES[cfg["schedule"]](cfg["timesteps"])).to(device)
     return model, diffusion, cfg
@@ -1448,9 +1402,9 @@ def write_samples(args):
         ours = {f"{k:06d}.png" for k in range(n)}
         stale = [p for p in folder.glob("*.png") if p.name not in ours]
         if stale:
+            what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
             raise UserError(
-                f"{folder} holds {len(stale)} PNG file(s) that this run would not replace, e.g. "
-                f"{stale[0].name} (FID would read them too); choose another --out-dir"
+                f"{folder} holds {what} (FID would read them too); use another --out-dir"
             )
     images = generate(model, diffusion, cfg, args, device, amp, n)  # (n, C, H, W) uint8
     save_grid(images[:64].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
@@ -1462,11 +1416,9 @@ def write_samples(args):
             progress.tick()
         print(f"wrote {n} images to {folder} and a grid to {out_dir / 'grid.png'}")
     else:  # one uint8 array (N, H, W, C), stored under the default key arr_0
-        np.savez(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy())
-        print(
-            f"wrote {out_dir / 'samples.npz'} {tuple(images.permute(0, 2, 3, 1).shape)} and "
-            f"{out_dir / 'grid.png'}"
-        )
+        array = images.permute(0, 2, 3, 1).numpy()
+        np.savez(out_dir / "samples.npz", array)
+        print(f"wrote {out_dir / 'samples.npz'} {array.shape} and {out_dir / 'grid.png'}")
 
 
 def draw_forward_process(args):
@@ -1496,8 +1448,7 @@ BENCH_CPU = {  # the quick start's network, and few steps: a CPU bench ends with
 
 def benchmark(args):
     """bench: time --steps training iterations (all of Alg. 1) and sampler network evaluations on
-    random data, after --warmup-steps of each (compiling included); --profile N: then profile N
-    training iterations."""
+    random data, after --warmup-steps of each; --profile N: then profile N iterations."""
     device, amp = setup_device(args)
     if device.type == "cpu":  # the GPU defaults (the paper's network at batch 128) take hours here
         vars(args).update(cpu := {k: v for k, v in BENCH_CPU.items() if k not in args.explicit})
@@ -1512,9 +1463,7 @@ def benchmark(args):
     t = torch.randint(0, args.timesteps, (sample_batch,), device=device)
     sampler_model = maybe_compile(run.ema, args)  # as in sample
     cuda = device.type == "cuda"
-    where = (
-        torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
-    )
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     print(
         f"bench: {args.model}, {count_parameters(run.net):,} parameters, {S}x{S}, amp {amp}, "
         f"compile {args.compile}, {where}, torch {torch.__version__}"
@@ -1550,19 +1499,15 @@ def benchmark(args):
             peak = torch.cuda.max_memory_allocated() / 2**30
             print(f"peak GPU memory while training: {peak:.2f} GiB")
     print("sample = one network evaluation per image, what one step of a sampler costs")
-    if (
-        args.profile
-    ):  # where a step's time goes: the operators (on a GPU, kernels) that took longest
+    if args.profile:  # where a step's time goes: the operators (kernels) that took longest
         activities = [torch.profiler.ProfilerActivity.CPU]
         activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
         with torch.profiler.profile(activities=activities) as prof:
             seconds = timed("profile", train_fn, args.profile, B)
         by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70))
-        print(
-            f"profiled {args.profile} training steps: {1e3 * seconds / args.profile:.2f} ms per "
-            "step (wall clock, profiler on)"
-        )
+        ms = 1e3 * seconds / args.profile
+        print(f"profiled {args.profile} training steps: {ms:.2f} ms per step (profiler on)")
 
 
 def compare_runs(args):
@@ -1599,40 +1544,35 @@ class Parser(argparse.ArgumentParser):
 
 
 def checked(kind, ok, must):
-    """An argparse type: kind(text), refused with "must be {must}" unless ok(value) (NaN never
-    is)."""
+    """An argparse type: kind(text), refused with "must be {must}" unless ok(value)."""
 
     def number(text):
-        if not ok(value := kind(text)):
+        if not ok(value := kind(text)):  # NaN fails every comparison, so ok() refuses it
             raise argparse.ArgumentTypeError(f"{text}: must be {must}")
         return value
 
     return number
 
 
-def whole(lo, hi=None):
-    """An integer flag from lo to hi. The bounds keep a number within what torch holds (64-bit
-    seeds and sizes) and what builds in reasonable time; lo alone for counts that may be large."""
-    must = "0 or more" if lo == 0 else f"at least {lo}"
-    must = must if hi is None else f"from {lo} to {hi:,}"
-    return checked(int, lambda v: lo <= v <= (math.inf if hi is None else hi), must)
+def whole(lo, hi=math.inf):
+    """An integer flag from lo to hi: within what torch holds (64-bit seeds and sizes) and what
+    builds in reasonable time; no hi for counts that may be large."""
+    must = (
+        ("0 or more" if lo == 0 else f"at least {lo}") if hi == math.inf else f"from {lo} to {hi:,}"
+    )
+    return checked(int, lambda v: lo <= v <= hi, must)
 
 
 def int_list(hi):
-    """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], each value from 1 to hi, at most 16 of them."""
+    """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], up to 16 integers, each from 1 to hi."""
 
-    def values(text):
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            values = [0]  # not integers: the same error below
-        if not 1 <= min(values, default=1) <= max(values, default=1) <= hi or len(values) > 16:
-            raise argparse.ArgumentTypeError(
-                f"expected up to 16 comma-separated positive integers of at most {hi}, got {text!r}"
-            )
+    def integers(text):  # a value that is not an integer: argparse says "invalid integers value"
+        values = [int(v) for v in text.split(",") if v.strip()]
+        if not all(1 <= v <= hi for v in values) or len(values) > 16:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be up to 16 integers from 1 to {hi}")
         return values
 
-    return values
+    return integers
 
 
 finite = math.isfinite
@@ -1745,11 +1685,8 @@ COMMANDS = {  # name: (its function, its groups of flags, its help)
     "bench": (benchmark, "network runtime bench", "measure training and sampling speed"),
     "compare": (compare_runs, "", "compare the loss curves of runs"),
 }
-FLAGS = {
-    **dict(network=NETWORK_FLAGS, runtime=RUNTIME_FLAGS, sampler=SAMPLER_FLAGS),
-    **dict(data=DATA_FLAGS, training=TRAIN_FLAGS, sample=SAMPLE_FLAGS),
-    **dict(forward=FORWARD_FLAGS, bench=BENCH_FLAGS),
-}
+FLAGS = dict(network=NETWORK_FLAGS, runtime=RUNTIME_FLAGS, sampler=SAMPLER_FLAGS, data=DATA_FLAGS)
+FLAGS.update(training=TRAIN_FLAGS, sample=SAMPLE_FLAGS, forward=FORWARD_FLAGS, bench=BENCH_FLAGS)
 
 
 def build_parser():
@@ -1787,30 +1724,22 @@ def parse_args(argv):
 def main(argv=None):
     """Run a command; returns 0, 2 for bad input (one line on stderr) or 130 for Ctrl-C. Under
     torchrun only rank 0 prints that line; the other ranks exit alike."""
-    rank0 = os.environ.get("RANK", "0") == "0"
-    say = lambda line: print(line, file=sys.stderr) if rank0 else None  # noqa: E731
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         COMMANDS[args.command][0](args)
+        return 0
     except UserError as e:
-        say(f"ddpm.py: error: {e}")
-        return 2
+        message = str(e)
     except torch.cuda.OutOfMemoryError:  # training keeps its last checkpoint: it was saved whole
-        say(
-            "ddpm.py: error: out of GPU memory; use a smaller --batch-size (bench: and "
-            "--sample-batch-size)"
-        )
-        return 2
+        message = "out of GPU memory; use a smaller --batch-size (bench: --sample-batch-size too)"
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
-        say(
-            f"ddpm.py: error: --compile failed ({first_line(getattr(e, 'inner_exception', e))}); "
-            "run without --compile, which computes the same"
-        )
-        return 2
+        cause = first_line(getattr(e, "inner_exception", e))
+        message = f"--compile failed ({cause}); run without --compile, which computes the same"
     except KeyboardInterrupt:  # Ctrl-C: training has saved its checkpoint by now
-        say("ddpm.py: interrupted")
-        return 130
-    return 0
+        message = "interrupted"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"ddpm.py: {'error: ' * (message != 'interrupted')}{message}", file=sys.stderr)
+    return 130 if message == "interrupted" else 2
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ fast samplers), then the engineering (the commands, driven through main()).
 CPU only, offline, fixed seeds; the data is generated here. Run: python -m pytest -q
 """
 
+import ast
 import contextlib
+import copy
 import io
 import math
 import os
@@ -521,29 +523,49 @@ def test_train_step_warmup_and_ema_match_an_independent_computation():
         torch.testing.assert_close(e.double(), r, atol=1e-6, rtol=1e-5)
 
 
+def smoothness(x):
+    """The mean correlation of horizontally adjacent pixels of images (B, C, H, W)."""
+    a, b = x[..., :-1].flatten(), x[..., 1:].flatten()
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+
 def test_parts_one_to_three_alone_train_and_sample():
-    """The file up to the banner, run alone (as pasted into a notebook), trains with train_loop and samples with
-    p_sample_loop: the EMA's L_simple falls well below the untrained network's 1 (its output starts at zero), and
-    the samples are images in [-1, 1]."""
+    """The file up to the banner, run alone (as pasted into a notebook), uses nothing defined after
+    it, trains with train_loop and samples with p_sample_loop: the EMA's L_simple falls well below
+    the untrained network's 1, and its samples are smooth like the data (adjacent pixels correlate
+    as the data's do), where the untrained network's are not."""
     method = SOURCE[: SOURCE.index(BANNER)]
-    assert "Progress" not in method and not re.search(
-        r"\bargs\.", method
-    )  # no engineering before the banner
+    tree = ast.parse(SOURCE)
+    later = {  # the functions and classes defined after the banner
+        node.name
+        for node in tree.body
+        if node.lineno > method.count("\n") and isinstance(node, (ast.FunctionDef, ast.ClassDef))
+    }
+    used = {node.id for node in ast.walk(ast.parse(method)) if isinstance(node, ast.Name)}
+    assert not used & later, used & later  # no engineering before the banner
     ns = {"__name__": "notebook"}
     exec(compile(method, "ddpm.py, Parts I-III", "exec"), ns)
     torch.manual_seed(0)
     low = torch.rand(64, 1, 2, 2) * 255  # smooth 8x8 images: 2x2 random blocks, upsampled
     data = nn.functional.interpolate(low, size=8, mode="bilinear").round().to(torch.uint8)
     net = ns["ResAttUNet"](in_channels=1, **{**TINY, "dropout": 0.0})
+    untrained = copy.deepcopy(net).eval()
     diffusion = ns["GaussianDiffusion"](ns["linear_beta_schedule"](20, 1e-4, 0.2))
     ema = ns["train_loop"](net, diffusion, data, steps=100, batch_size=16, lr=2e-3, warmup=10)
     x_0 = data.float() / 127.5 - 1
     with torch.no_grad():
         assert diffusion.p_losses(ema, x_0).item() < 0.3
-    x = ns["p_sample_loop"](
-        diffusion, ema, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0)
+    shape, samples = (64, 1, 8, 8), []
+    for model in (ema, untrained):
+        generator = torch.Generator().manual_seed(0)
+        samples.append(ns["p_sample_loop"](diffusion, model, shape, generator=generator))
+    trained, noise = samples
+    assert trained.shape == shape and trained.abs().max() <= 1
+    assert smoothness(x_0) > 0.8 and smoothness(trained) > 0.6 and smoothness(noise) < 0.3, (
+        smoothness(x_0),
+        smoothness(trained),
+        smoothness(noise),
     )
-    assert x.shape == (16, 1, 8, 8) and x.abs().max() <= 1 and x.std() > 0.1
 
 
 def test_sample_loops_refuse_train_mode():
@@ -1192,6 +1214,26 @@ def test_grey_folder_gives_one_channel(tmp_path):
     assert x.shape == (16, 1, 8, 8) and x.dtype == torch.uint8
 
 
+def test_train_command_takes_the_steps_of_train_loop(image_dir, tmp_path):
+    """train (the command) and train_loop (Part III) from the same seed take the same steps: the
+    same weights and EMA after 7 steps, on the same data order, flips, t, eps and dropout."""
+    argv = ["--max-steps", "7", "--sample-every", "0", "--lr", "1e-3"]
+    assert ddpm.main(train_flags(image_dir, tmp_path, *argv)) == 0
+    ckpt = state_of(tmp_path)
+    data = ddpm.load_dataset("folder", image_dir, 8)
+    torch.manual_seed(0)
+    net = ddpm.ResAttUNet(in_channels=3, **TINY)
+    diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(20))
+    torch.manual_seed(0)  # train seeds seed + rank before its first step
+    ema = ddpm.train_loop(net, diffusion, data, 7, lr=1e-3, warmup=10, batch_size=8, seed=0)
+    for key, module in (("model", net), ("ema", ema)):
+        state = module.state_dict()
+        assert all(torch.equal(state[k], ckpt[key][k]) for k in state), key
+    torch.manual_seed(0)
+    start = ddpm.ResAttUNet(in_channels=3, **TINY).state_dict()
+    assert not torch.equal(start["conv_in.weight"], ckpt["model"]["conv_in.weight"])  # it trained
+
+
 def test_resume_is_bit_identical(image_dir, tmp_path):
     """7 steps, stop, resume for 6 more equals 13 steps in one go, bit for bit (weights, EMA, Adam, step)."""
     common = ["--epochs", "10", "--sample-every", "0", "--dropout", "0.1"]
@@ -1472,8 +1514,8 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
     expect_error(run("--batch-size", "0"), "--batch-size", capsys=capsys)
     # numbers out of range, each caught before any work with the flag's name and what it must be
     for flag, value, must in [
-        ("--channel-mult", "1,0", "positive"),
-        ("--attn-resolutions", "-16", "positive"),
+        ("--channel-mult", "1,0", "integers from 1 to 64"),
+        ("--attn-resolutions", "-16", "integers from 1 to 4096"),
         ("--timesteps", "1", "from 2 to 100,000"),
         ("--lr", "-1", "more than 0"),
         ("--lr", "nan", "more than 0"),
@@ -1536,6 +1578,28 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
         capsys=capsys,
     )
     assert (trained_run / "ckpt.pt").read_bytes() == before
+
+
+def test_hostile_numbers_end_in_one_line(image_dir, tmp_path, capsys):
+    """Numbers torch cannot hold, or a network that cannot fit, end in one line naming the flag
+    before any work: a seed beyond 64 bits, huge T, image size, multipliers or block counts, an
+    infinite learning rate, and a network of more than 2^32 parameters."""
+    run = lambda *extra: train_flags(image_dir, tmp_path / "new", *extra)  # noqa: E731
+    huge = "99999999999999999999"
+    expect_error(run("--seed", huge), "--seed", "from 0 to", capsys=capsys)
+    expect_error(["sample", "--ckpt", "x.pt", "--seed", huge], "--seed", capsys=capsys)
+    expect_error(run("--timesteps", huge), "--timesteps", "from 2 to 100,000", capsys=capsys)
+    expect_error(run("--image-size", huge), "--image-size", capsys=capsys)
+    expect_error(run("--channel-mult", f"1,{huge}"), "--channel-mult", capsys=capsys)
+    expect_error(run("--num-res-blocks", huge), "--num-res-blocks", "from 1 to 64", capsys=capsys)
+    expect_error(run("--lr", "1e309"), "--lr", "finite", capsys=capsys)
+    expect_error(run("--eta", "inf"), "--eta", "finite", capsys=capsys)
+    expect_error(
+        ["sample", "--ckpt", "x.pt", "--num-samples", huge], "--num-samples", capsys=capsys
+    )
+    flags = ("--base-channels", "4096", "--channel-mult", "64,64", "--attn-resolutions", "4")
+    expect_error(run(*flags), "parameters, too many to fit", "--base-channels", capsys=capsys)
+    assert not (tmp_path / "new" / "ckpt.pt").exists()
 
 
 def test_wandb_without_the_package_is_a_clear_error(image_dir, tmp_path, monkeypatch, capsys):
