@@ -80,7 +80,8 @@ def test_file_budget():
 
 
 def test_linear_schedule_matches_float64_reference():
-    """alpha_bar = cumprod(1 - beta) in float64; endpoints, monotone in (0, 1), alpha_bar_T = 4.04e-5 [Sec. 4]."""
+    """alpha_bar = cumprod(1 - beta) in float64; endpoints, monotone in (0, 1), alpha_bar_T =
+    4.04e-5 [Sec. 4]."""
     betas = ddpm.linear_beta_schedule(1000)
     assert betas.dtype == torch.float64 and betas.shape == (1000,)
     assert betas[0] == 1e-4 and betas[-1] == 0.02
@@ -95,7 +96,8 @@ def test_linear_schedule_matches_float64_reference():
 
 
 def test_schedule_rejects_bad_arguments():
-    """T < 2, a non-integer T and beta ranges outside (0, 1) raise ValueError, and so do bad betas."""
+    """T < 2, a non-integer T and beta ranges outside (0, 1) raise ValueError, and so do bad
+    betas."""
     for args in [(1,), (10.5,), (10, 0.0, 0.02), (10, 0.03, 0.02), (10, 1e-4, 1.0)]:
         with pytest.raises(ValueError):
             ddpm.linear_beta_schedule(*args)
@@ -105,7 +107,8 @@ def test_schedule_rejects_bad_arguments():
 
 
 def test_buffers_match_float64_formulas():
-    """beta_tilde and the posterior coefficients [Eq. 7], 1/sqrt(alpha) [Eq. 11] and the x_0 ones [Eq. 15] against float64; beta_tilde_1 = 0."""
+    """beta_tilde and the posterior coefficients [Eq. 7], 1/sqrt(alpha) [Eq. 11] and the x_0 ones
+    [Eq. 15] against float64; beta_tilde_1 = 0."""
     d = linear_diffusion()
     betas, ac, acp = float64_schedule()
     assert d.posterior_variance[0].item() == 0.0
@@ -159,7 +162,8 @@ def test_q_sample_without_noise_scales_x0():
 
 
 def test_q_sample_monte_carlo_matches_eq4():
-    """Samples of q(x_t | x_0) have mean sqrt(alpha_bar) x_0 and variance 1 - alpha_bar [Eq. 4], within 5 standard errors."""
+    """Samples of q(x_t | x_0) have mean sqrt(alpha_bar) x_0 and variance 1 - alpha_bar [Eq. 4],
+    within 5 standard errors."""
     torch.manual_seed(0)
     d = linear_diffusion()
     n = 200_000
@@ -174,7 +178,8 @@ def test_q_sample_monte_carlo_matches_eq4():
 
 
 def test_p_losses_is_l_simple_and_draws_every_t():
-    """L_simple [Eq. 14] is 0 for a perfect eps-predictor and E[eps^2] for a zero one; t covers {0..T-1} uniformly [Alg. 1, line 3]."""
+    """L_simple [Eq. 14] is 0 for a perfect eps-predictor and E[eps^2] for a zero one; t covers
+    {0..T-1} uniformly [Alg. 1, line 3]."""
     torch.manual_seed(0)
     T = 10
     d = linear_diffusion(T, 0.2)
@@ -209,7 +214,8 @@ def test_perfect_eps_predictor_recovers_x0():
 
 
 def test_q_posterior_is_gaussian_conditioning():
-    """q(x_{t-1} | x_t, x_0) [Eq. 6-7] equals the conditional of the jointly Gaussian (x_{t-1}, x_t) given x_0, in float64."""
+    """q(x_{t-1} | x_t, x_0) [Eq. 6-7] equals the conditional of the jointly Gaussian (x_{t-1}, x_t)
+    given x_0, in float64."""
     d = linear_diffusion()
     betas, ac, acp = float64_schedule()
     x_0, x_t = torch.randn(6, 1, 2, 2), torch.randn(6, 1, 2, 2)
@@ -232,8 +238,9 @@ def toy_model(x_t, t):
 
 
 def test_eps_form_mean_equals_posterior_mean():
-    """mu_tilde(x_t, x_0(eps)) [Eq. 7] equals (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) [Eq. 11]:
-    so p_sample's clipped route equals its Eq. 11 route wherever the clip changes nothing."""
+    """mu_tilde(x_t, x_0(eps)) [Eq. 7] equals (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) /
+    sqrt(alpha_t) [Eq. 11]: so p_sample's clipped route equals its Eq. 11 route wherever the clip
+    changes nothing."""
     d = linear_diffusion()
     betas, ac, _ = float64_schedule()
     x_t = torch.randn(5, 3, 4, 4)
@@ -259,7 +266,8 @@ def test_eps_form_mean_equals_posterior_mean():
 
 @pytest.mark.parametrize("variance", ["fixedlarge", "fixedsmall"])
 def test_p_sample_without_clipping_is_algorithm_2(variance):
-    """p_sample(clip_denoised=False) equals Alg. 2, line 4 in float64, with sigma^2 = beta_t or beta_tilde_t."""
+    """p_sample(clip_denoised=False) equals Alg. 2, line 4 in float64, with sigma^2 = beta_t or
+    beta_tilde_t."""
     d = linear_diffusion()
     betas, ac, acp = float64_schedule()
     x_t, z = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
@@ -276,7 +284,8 @@ def test_p_sample_without_clipping_is_algorithm_2(variance):
 
 
 def test_last_step_adds_no_noise_and_clipping_bounds_x0():
-    """At t = 0 (paper t = 1) z = 0 [Alg. 2, line 3]; with clipping the mean uses x_0 clipped to [-1, 1]."""
+    """At t = 0 (paper t = 1) z = 0 [Alg. 2, line 3]; with clipping the mean uses x_0 clipped to
+    [-1, 1]."""
     d = linear_diffusion()
     x_t = torch.randn(4, 3, 4, 4) * 3
     a = d.p_sample(toy_model, x_t, 0, noise=torch.randn_like(x_t))
@@ -294,7 +303,8 @@ def test_last_step_adds_no_noise_and_clipping_bounds_x0():
 
 
 def test_timestep_embedding_is_sinusoidal():
-    """The embedding is [sin(t w_i), cos(t w_i)] with w_i = 10000^(-i / (half - 1)) [Sec. 4, official code]."""
+    """The embedding is [sin(t w_i), cos(t w_i)] with w_i = 10000^(-i / (half - 1)) [Sec. 4,
+    official code]."""
     t = torch.tensor([0, 1, 999])
     emb = ddpm.timestep_embedding(t, 8)
     assert emb.shape == (3, 8)
@@ -312,8 +322,9 @@ def randomized(model):
 
 
 def test_attention_is_softmax_over_the_keys():
-    """attention() is float64 softmax(q k^T / sqrt(C)) v with weights summing to 1 over the keys (not the
-    queries), F.scaled_dot_product_attention computes the same, and AttnBlock is x + proj_out of it."""
+    """attention() is float64 softmax(q k^T / sqrt(C)) v with weights summing to 1 over the keys
+    (not the queries), F.scaled_dot_product_attention computes the same, and AttnBlock is x +
+    proj_out of it."""
     torch.manual_seed(0)
     block = randomized(ddpm.AttnBlock(32)).double()
     x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
@@ -333,8 +344,8 @@ def test_attention_is_softmax_over_the_keys():
 
 
 def test_attention_q_k_v_start_as_three_layers():
-    """q, k and v are initialised as three C x C layers (fan_avg over C and C, std sqrt(2 / 2C) = 0.0625 at
-    C = 256), as in the official code, not as one C x 3C layer (0.0442) [App. B]."""
+    """q, k and v are initialised as three C x C layers (fan_avg over C and C, std sqrt(2 / 2C) =
+    0.0625 at C = 256), as in the official code, not as one C x 3C layer (0.0442) [App. B]."""
     torch.manual_seed(0)
     block = ddpm.AttnBlock(256)
     for w in block.qkv.weight.detach().chunk(3):  # each (C, C, 1, 1)
@@ -376,7 +387,8 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(name):
 
 
 def test_paper_network_has_35746307_parameters_and_docstrings_agree():
-    """ResAttUNet() is the paper's CIFAR-10 network: 35,746,307 parameters; each class's docstring states its own count."""
+    """ResAttUNet() is the paper's CIFAR-10 network: 35,746,307 parameters; each class's docstring
+    states its own count."""
     counts = {name: ddpm.count_parameters(cls()) for name, cls in ddpm.MODELS.items()}
     assert counts["res_att"] == 35_746_307
     for name, cls in ddpm.MODELS.items():
@@ -385,9 +397,9 @@ def test_paper_network_has_35746307_parameters_and_docstrings_agree():
 
 
 def test_paper_network_structure():
-    """22 residual blocks, 6 attention blocks (5 at 16x16 + the middle), 3 down/up samplers (padded right and bottom);
-    zero-initialised outputs [App. B];
-    the ablations have no attention (res) and no shortcut (conv)."""
+    """22 residual blocks, 6 attention blocks (5 at 16x16 + the middle), 3 down/up samplers (padded
+    right and bottom); zero-initialised outputs [App. B]; the ablations have no attention (res) and
+    no shortcut (conv)."""
     model = ddpm.ResAttUNet()
     mods = list(model.modules())
     count = lambda cls, mods=mods: sum(type(m) is cls for m in mods)  # noqa: E731
@@ -425,7 +437,8 @@ def test_paper_network_structure():
 
 
 def test_bad_network_sizes_raise_with_the_constraint():
-    """An image size the levels cannot halve and widths GroupNorm(32) cannot split raise ValueError naming the rule."""
+    """An image size the levels cannot halve and widths GroupNorm(32) cannot split raise ValueError
+    naming the rule."""
     with pytest.raises(ValueError, match="divisible"):
         ddpm.ResAttUNet(image_size=30)
     with pytest.raises(ValueError, match="multiples of 32"):
@@ -434,7 +447,8 @@ def test_bad_network_sizes_raise_with_the_constraint():
 
 @pytest.mark.parametrize("name", list(ddpm.MODELS))
 def test_tiny_model_overfits_a_fixed_batch(name):
-    """On one fixed (x_0, t, eps) a tiny model drives L_simple down at least 100-fold in 100 Adam steps."""
+    """On one fixed (x_0, t, eps) a tiny model drives L_simple down at least 100-fold in 100 Adam
+    steps."""
     torch.manual_seed(0)
     model = ddpm.MODELS[name](in_channels=3, **{**TINY, "dropout": 0.0})
     d = linear_diffusion(20)
@@ -489,8 +503,9 @@ def test_get_batch_scales_to_unit_range_and_flips_half():
 
 
 def test_train_step_warmup_and_ema_match_an_independent_computation():
-    """train_step with make_optimizer: lr = 2e-4 * n / warmup [official code]; after 6 steps the EMA equals
-    ema_n = d_n ema_{n-1} + (1 - d_n) net_n with d_n = min(0.9999, (1 + n) / (10 + n)), recomputed in float64."""
+    """train_step with make_optimizer: lr = 2e-4 * n / warmup [official code]; after 6 steps the EMA
+    equals ema_n = d_n ema_{n-1} + (1 - d_n) net_n with d_n = min(0.9999, (1 + n) / (10 + n)),
+    recomputed in float64."""
     torch.manual_seed(0)
     net = ddpm.ResAttUNet(in_channels=3, **TINY)
     ema = ddpm.copy.deepcopy(net).requires_grad_(False)
@@ -518,9 +533,9 @@ def test_train_step_warmup_and_ema_match_an_independent_computation():
 
 
 def test_parts_one_to_three_alone_train_and_sample():
-    """The file up to the banner, run alone (as pasted into a notebook), trains with train_loop and samples with
-    p_sample_loop: the EMA's L_simple falls well below the untrained network's 1 (its output starts at zero), and
-    the samples are images in [-1, 1]."""
+    """The file up to the banner, run alone (as pasted into a notebook), trains with train_loop and
+    samples with p_sample_loop: the EMA's L_simple falls well below the untrained network's 1 (its
+    output starts at zero), and the samples are images in [-1, 1]."""
     method = SOURCE[: SOURCE.index(BANNER)]
     assert "Progress" not in method and not re.search(
         r"\bargs\.", method
@@ -609,7 +624,8 @@ def gaussian_chain_mean_std(d, mu, s, variance=None, steps=None):
     "sampler,tol", [("fixedlarge", 0.005), ("fixedsmall", 0.005), ("ddim-50", 0.03)]
 )
 def test_samplers_with_exact_denoiser_reproduce_the_data(sampler, tol):
-    """With the exact eps for data x_0 ~ N(mu, s^2), Alg. 2 (both variances) and DDIM (eta = 0, 50 steps) match the closed-form chain, and (mu, s) within tol."""
+    """With the exact eps for data x_0 ~ N(mu, s^2), Alg. 2 (both variances) and DDIM (eta = 0, 50
+    steps) match the closed-form chain, and (mu, s) within tol."""
     d = linear_diffusion()
     mu, s, n = 0.1, 0.2, 16_384
     model = gaussian_data_denoiser(d, mu, s)
@@ -634,7 +650,8 @@ def test_samplers_with_exact_denoiser_reproduce_the_data(sampler, tol):
 
 
 def test_cosine_schedule_matches_closed_form():
-    """Cosine schedule: alpha_bar_t = f(t)/f(0), f = cos^2(((t/T + s)/(1 + s)) pi/2) [Nichol & Dhariwal, Eq. 17]."""
+    """Cosine schedule: alpha_bar_t = f(t)/f(0), f = cos^2(((t/T + s)/(1 + s)) pi/2) [Nichol &
+    Dhariwal, Eq. 17]."""
     T, s = 1000, 0.008
     betas = ddpm.cosine_beta_schedule(T)
     assert betas.dtype == torch.float64 and (betas > 0).all() and (betas <= 0.999).all()
@@ -646,7 +663,8 @@ def test_cosine_schedule_matches_closed_form():
 
 
 def test_ddim_timesteps_run_from_T_minus_1_to_0():
-    """The DDIM sub-sequence starts at T-1, ends at 0 and strictly decreases, for any 2 <= steps <= T."""
+    """The DDIM sub-sequence starts at T-1, ends at 0 and strictly decreases, for any 2 <= steps <=
+    T."""
     for T, steps in [(1000, 2), (1000, 10), (1000, 50), (1000, 999), (1000, 1000), (20, 7), (7, 7)]:
         ts = ddpm.ddim_timesteps(T, steps)
         assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0
@@ -657,7 +675,8 @@ def test_ddim_timesteps_run_from_T_minus_1_to_0():
 
 
 def test_ddim_eta1_all_steps_equals_ddpm_with_beta_tilde():
-    """DDIM with eta = 1 and steps = T is Alg. 2 with sigma^2 = beta_tilde, given the same noise [Song et al., Sec. 4.1]."""
+    """DDIM with eta = 1 and steps = T is Alg. 2 with sigma^2 = beta_tilde, given the same noise
+    [Song et al., Sec. 4.1]."""
     d = linear_diffusion(50, 0.2)
     shape = (8, 3, 4, 4)
     ddpm_x = ddpm.p_sample_loop(
@@ -675,8 +694,9 @@ def test_ddim_eta1_all_steps_equals_ddpm_with_beta_tilde():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_dpm_solver_timesteps_are_even_in_log_snr(schedule):
-    """DPM-Solver's steps start at T-1, end at 0, strictly decrease for any 2 <= steps <= T, and where no two
-    targets share a step they are evenly spaced in lambda = log(sqrt(alpha_bar / (1 - alpha_bar)))."""
+    """DPM-Solver's steps start at T-1, end at 0, strictly decrease for any 2 <= steps <= T, and
+    where no two targets share a step they are evenly spaced in lambda = log(sqrt(alpha_bar / (1 -
+    alpha_bar)))."""
     d = ddpm.GaussianDiffusion(ddpm.SCHEDULES[schedule](1000))
     lam = 0.5 * (d.alphas_cumprod.double().log() - (1 - d.alphas_cumprod.double()).log())
     for steps in [2, 3, 10, 20, 50, 200, 999, 1000]:
@@ -700,7 +720,8 @@ def test_dpm_solver_timesteps_are_even_in_log_snr(schedule):
 
 
 def test_dpm_solver_with_two_steps_is_ddim():
-    """DPM-Solver++ starts with a first-order step, which is DDIM's [Lu et al. 2022, Sec. 4]: with 2 steps the two agree."""
+    """DPM-Solver++ starts with a first-order step, which is DDIM's [Lu et al. 2022, Sec. 4]: with 2
+    steps the two agree."""
     d = linear_diffusion()
     x_T = torch.randn(4, 3, 4, 4)
     torch.testing.assert_close(
@@ -713,9 +734,10 @@ def test_dpm_solver_with_two_steps_is_ddim():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_dpm_solver_lands_on_the_exact_ode_solution(schedule):
-    """For data x_0 ~ N(mu, s^2) the probability-flow ODE from x at step T-1 ends at mu + s (x - a mu) / sqrt(a^2 s^2 + b^2)
-    (a^2 = alpha_bar_{T-1}, b^2 = 1 - a^2). DPM-Solver++(2M) lands closer to it than DDIM with as many steps (10-25), and
-    from 40 to 80 steps its error falls about 4-fold (second order), DDIM's 2-fold (first order)."""
+    """For data x_0 ~ N(mu, s^2) the probability-flow ODE from x at step T-1 ends at mu + s (x - a
+    mu) / sqrt(a^2 s^2 + b^2) (a^2 = alpha_bar_{T-1}, b^2 = 1 - a^2). DPM-Solver++(2M) lands closer
+    to it than DDIM with as many steps (10-25), and from 40 to 80 steps its error falls about 4-fold
+    (second order), DDIM's 2-fold (first order)."""
     d = ddpm.GaussianDiffusion(ddpm.SCHEDULES[schedule](1000))
     mu, s = 0.1, 0.5
     model = gaussian_data_denoiser(d, mu, s)
@@ -751,8 +773,9 @@ class Terminal(io.StringIO):
 
 
 def test_progress_line_in_a_log_and_in_a_terminal(monkeypatch, capsys):
-    """In a log file a long phase prints plain lines: what, how far, images/s and an ETA, then the time taken;
-    in a terminal one line updated in place with carriage returns, ended once; a short phase prints nothing."""
+    """In a log file a long phase prints plain lines: what, how far, images/s and an ETA, then the
+    time taken; in a terminal one line updated in place with carriage returns, ended once; a short
+    phase prints nothing."""
     clock = iter(range(0, 10_000, 3))  # each call to the clock is 3 s later
     monkeypatch.setattr(ddpm.time, "time", lambda: next(clock))
     progress = ddpm.Progress(
@@ -787,7 +810,8 @@ def test_progress_line_in_a_log_and_in_a_terminal(monkeypatch, capsys):
 
 
 def test_watched_model_counts_and_keeps_the_trajectory():
-    """Watched passes calls through, ticks its progress once per call and keeps x_t at the calls it is told to."""
+    """Watched passes calls through, ticks its progress once per call and keeps x_t at the calls it
+    is told to."""
     ticks = []
     net = ddpm.ConvUNet(in_channels=1, **TINY).eval()
     watched = ddpm.Watched(net, SimpleNamespace(tick=lambda: ticks.append(1)), keep=[0, 2, 2])
@@ -801,8 +825,9 @@ def test_watched_model_counts_and_keeps_the_trajectory():
 
 
 def test_compiled_training_step_has_eager_loss_and_gradients():
-    """--compile runs the network through inductor, forward and backward, in the GPU's layout (channels_last): its
-    loss and gradient of L_simple equal eager's to float32 rounding, and it runs the whole training step."""
+    """--compile runs the network through inductor, forward and backward, in the GPU's layout
+    (channels_last): its loss and gradient of L_simple equal eager's to float32 rounding, and it
+    runs the whole training step."""
     torch.manual_seed(0)
     args = ddpm.parse_args(
         [
@@ -869,7 +894,8 @@ def test_bf16_sampling_keeps_float32_state_and_the_same_images(sampler):
 
 
 def test_sampler_auto_and_steps():
-    """--sampler auto is Algorithm 2 (T steps) on CUDA and DPM-Solver++ (20 steps) elsewhere; --sample-steps sets the fast ones'."""
+    """--sampler auto is Algorithm 2 (T steps) on CUDA and DPM-Solver++ (20 steps) elsewhere;
+    --sample-steps sets the fast ones'."""
     args = SimpleNamespace(sampler="auto", sample_steps=None)
     assert ddpm.sampler_plan(args, 1000, torch.device("cuda")) == ("ddpm", 1000)
     assert ddpm.sampler_plan(args, 1000, torch.device("cpu")) == ("dpm++", 20)
@@ -971,8 +997,9 @@ def state_of(out_dir):
 
 
 def test_train_writes_checkpoint_log_and_pictures(trained_run):
-    """A tiny run writes ckpt.pt (step 10 = 2 epochs of 40 // 8), a log.csv with finite losses, grids and both pictures;
-    the last column of reverse_process.png is the first 8 images of samples.png; the warm-up longer than half the run is named."""
+    """A tiny run writes ckpt.pt (step 10 = 2 epochs of 40 // 8), a log.csv with finite losses,
+    grids and both pictures; the last column of reverse_process.png is the first 8 images of
+    samples.png; the warm-up longer than half the run is named."""
     ckpt = state_of(trained_run)
     assert ckpt["step"] == 10 and ckpt["epoch"] == 2 and ckpt["config"]["model"] == "res_att"
     rows = (trained_run / "log.csv").read_text().splitlines()
@@ -998,7 +1025,8 @@ def test_train_writes_checkpoint_log_and_pictures(trained_run):
 
 
 def test_checkpoint_holds_only_tensors_and_plain_values(trained_run, tmp_path):
-    """ckpt.pt loads with weights_only=True; a file that would run code on load is refused, and so is a format-1 file."""
+    """ckpt.pt loads with weights_only=True; a file that would run code on load is refused, and so
+    is a format-1 file."""
     ckpt = torch.load(trained_run / "ckpt.pt", weights_only=True)
     assert {
         "model",
@@ -1024,7 +1052,8 @@ def test_checkpoint_holds_only_tensors_and_plain_values(trained_run, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["png", "npz"])
 def test_sample_from_checkpoint(trained_run, tmp_path, fmt):
-    """sample writes N images (PNG files or one uint8 (N, H, W, C) npz) and a grid, from the checkpoint alone."""
+    """sample writes N images (PNG files or one uint8 (N, H, W, C) npz) and a grid, from the
+    checkpoint alone."""
     out = tmp_path / "s"
     assert (
         ddpm.main(
@@ -1056,7 +1085,8 @@ def test_sample_from_checkpoint(trained_run, tmp_path, fmt):
         assert len(files) == 5
         img = read_png(files[0])
         assert img.shape == (3, 8, 8) and img.dtype == torch.uint8
-        # a smaller run into the same folder would leave 3 of these beside its own (an FID would read both): refused
+        # a smaller run into the same folder would leave 3 of these beside its own (an FID would
+        # read both): refused
         assert (
             ddpm.main(
                 [
@@ -1102,8 +1132,8 @@ def test_sample_from_checkpoint(trained_run, tmp_path, fmt):
 
 
 def test_sample_is_reproducible_uses_eval_mode_and_variance(trained_run, tmp_path, monkeypatch):
-    """The same --seed gives the same images; the DDPM sampler runs on the model in eval() mode (no dropout), and
-    --variance reaches p_sample (fixedsmall gives other images)."""
+    """The same --seed gives the same images; the DDPM sampler runs on the model in eval() mode (no
+    dropout), and --variance reaches p_sample (fixedsmall gives other images)."""
     variances = []
     real_p_sample = ddpm.GaussianDiffusion.p_sample
     monkeypatch.setattr(
@@ -1143,7 +1173,8 @@ def test_sample_is_reproducible_uses_eval_mode_and_variance(trained_run, tmp_pat
 
 
 def test_forward_picture_shows_q_sample_at_the_stated_steps(image_dir, tmp_path, capsys):
-    """forward writes a row per image: x_0, then q_sample at the t it prints (T/10, ..., T) with one eps per row [Eq. 4]."""
+    """forward writes a row per image: x_0, then q_sample at the t it prints (T/10, ..., T) with one
+    eps per row [Eq. 4]."""
     assert (
         ddpm.main(
             [
@@ -1190,7 +1221,8 @@ def test_grey_folder_gives_one_channel(tmp_path):
 
 
 def test_resume_is_bit_identical(image_dir, tmp_path):
-    """7 steps, stop, resume for 6 more equals 13 steps in one go, bit for bit (weights, EMA, Adam, step)."""
+    """7 steps, stop, resume for 6 more equals 13 steps in one go, bit for bit (weights, EMA, Adam,
+    step)."""
     common = ["--epochs", "10", "--sample-every", "0", "--dropout", "0.1"]
     assert ddpm.main(train_flags(image_dir, tmp_path / "once", *common, "--max-steps", "13")) == 0
     assert ddpm.main(train_flags(image_dir, tmp_path / "twice", *common, "--max-steps", "7")) == 0
@@ -1209,7 +1241,8 @@ def test_resume_is_bit_identical(image_dir, tmp_path):
 
 
 def test_resume_keeps_the_runs_flags_and_takes_typed_ones(image_dir, tmp_path):
-    """--resume with only --out-dir takes the network, data and recipe from the checkpoint; a typed --max-steps applies."""
+    """--resume with only --out-dir takes the network, data and recipe from the checkpoint; a typed
+    --max-steps applies."""
     out = tmp_path / "run"
     assert (
         ddpm.main(
@@ -1228,8 +1261,8 @@ def test_resume_keeps_the_runs_flags_and_takes_typed_ones(image_dir, tmp_path):
 
 
 def test_resume_with_fp16_from_a_float32_run(image_dir, tmp_path, monkeypatch):
-    """A run saved without --amp fp16 (an empty scaler state) resumes with --amp fp16: the scaler starts afresh
-    (on the CPU here, where torch's fp16 autocast and GradScaler work too)."""
+    """A run saved without --amp fp16 (an empty scaler state) resumes with --amp fp16: the scaler
+    starts afresh (on the CPU here, where torch's fp16 autocast and GradScaler work too)."""
     out = tmp_path / "run"
     assert ddpm.main(train_flags(image_dir, out, "--max-steps", "2", "--sample-every", "0")) == 0
     assert state_of(out)["scaler"] == {}
@@ -1275,8 +1308,9 @@ def test_resume_with_fp16_from_a_float32_run(image_dir, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_and_sigterm_save_a_loadable_checkpoint(image_dir, tmp_path, monkeypatch):
-    """SIGTERM and SIGINT stop after the current step with a checkpoint; so does a KeyboardInterrupt raised inside a step;
-    the handlers in place before are restored (whatever they were: a background job starts with SIGINT ignored)."""
+    """SIGTERM and SIGINT stop after the current step with a checkpoint; so does a KeyboardInterrupt
+    raised inside a step; the handlers in place before are restored (whatever they were: a
+    background job starts with SIGINT ignored)."""
     real_step, calls = ddpm.train_step, []
 
     def step_then_stop(*args, **kwargs):
@@ -1303,7 +1337,8 @@ def test_ctrl_c_and_sigterm_save_a_loadable_checkpoint(image_dir, tmp_path, monk
 
 
 def test_an_ignored_sigint_stays_ignored(image_dir, tmp_path, monkeypatch):
-    """A run started with SIGINT ignored (a background job) keeps ignoring it: no handler is installed for it."""
+    """A run started with SIGINT ignored (a background job) keeps ignoring it: no handler is
+    installed for it."""
     seen = []
     real_step = ddpm.train_step
     monkeypatch.setattr(
@@ -1325,7 +1360,8 @@ def test_an_ignored_sigint_stays_ignored(image_dir, tmp_path, monkeypatch):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
     image_dir, tmp_path, monkeypatch, capsys
 ):
-    """A NaN loss at step 4 stops the run, names the step, and leaves the step-2 checkpoint untouched."""
+    """A NaN loss at step 4 stops the run, names the step, and leaves the step-2 checkpoint
+    untouched."""
     real_losses, calls = ddpm.GaussianDiffusion.p_losses, []
 
     def nan_at_step_4(self, *args, **kwargs):
@@ -1350,8 +1386,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(
 def test_infinite_gradient_stops_before_the_weights_reach_a_checkpoint(
     image_dir, tmp_path, monkeypatch, capsys
 ):
-    """A finite loss with an infinite gradient at step 3 (clipping turns it into NaN weights) stops the run like a NaN
-    loss, even when the next save is due at once: ckpt.pt keeps step 2, with finite weights and EMA."""
+    """A finite loss with an infinite gradient at step 3 (clipping turns it into NaN weights) stops
+    the run like a NaN loss, even when the next save is due at once: ckpt.pt keeps step 2, with
+    finite weights and EMA."""
     real_clip, calls = ddpm.nn.utils.clip_grad_norm_, []
 
     def inf_gradient_at_step_3(parameters, max_norm):
@@ -1376,8 +1413,9 @@ def test_infinite_gradient_stops_before_the_weights_reach_a_checkpoint(
 def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(
     image_dir, tmp_path, monkeypatch, capsys
 ):
-    """A checkpoint that cannot be written ends the run with one line; the one before it stays whole. Resumed from it,
-    the run redoes the steps after it, and log.csv keeps one row per step."""
+    """A checkpoint that cannot be written ends the run with one line; the one before it stays
+    whole. Resumed from it, the run redoes the steps after it, and log.csv keeps one row per
+    step."""
     real_save, calls = torch.save, []
 
     def disk_full_on_second_save(obj, f, *args, **kwargs):
@@ -1385,7 +1423,8 @@ def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(
         if len(calls) == 2:
             Path(f).write_bytes(b"half a checkpoint")
             raise RuntimeError(
-                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file"
+                "[enforce fail at inline_container.cc:778] . "
+                "PytorchStreamWriter failed writing file"
             )
         return real_save(obj, f, *args, **kwargs)
 
@@ -1414,8 +1453,8 @@ def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(
 
 
 def test_checkpoints_are_timed_saved_at_the_end(image_dir, tmp_path, monkeypatch):
-    """By default a checkpoint is written every --ckpt-minutes (5) and at the end, not at every epoch end:
-    a short run saves once; with a tiny --ckpt-minutes every step saves."""
+    """By default a checkpoint is written every --ckpt-minutes (5) and at the end, not at every
+    epoch end: a short run saves once; with a tiny --ckpt-minutes every step saves."""
     saves = []
     real_save = ddpm.save_checkpoint
     monkeypatch.setattr(
@@ -1536,7 +1575,8 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
 
 
 def test_wandb_without_the_package_is_a_clear_error(image_dir, tmp_path, monkeypatch, capsys):
-    """--wandb without wandb installed ends with one line saying how to install it, before any work."""
+    """--wandb without wandb installed ends with one line saying how to install it, before any
+    work."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes "import wandb" fail, installed or not
     expect_error(
         train_flags(image_dir, tmp_path / "w", "--wandb"), "pip install wandb", capsys=capsys
@@ -1545,7 +1585,8 @@ def test_wandb_without_the_package_is_a_clear_error(image_dir, tmp_path, monkeyp
 
 
 def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
-    """Without internet, --dataset cifar10 ends with one line pointing to the files or to --dataset folder."""
+    """Without internet, --dataset cifar10 ends with one line pointing to the files or to --dataset
+    folder."""
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -1560,7 +1601,8 @@ def test_failed_download_says_what_to_do(tmp_path, monkeypatch, capsys):
 
 
 def test_out_of_gpu_memory_names_the_batch_flag(trained_run, tmp_path, monkeypatch, capsys):
-    """A batch too big for the GPU ends with one line saying which flag to lower, not a traceback."""
+    """A batch too big for the GPU ends with one line saying which flag to lower, not a
+    traceback."""
 
     def too_big(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -1614,8 +1656,9 @@ def test_help_documents_every_flag():
 
 
 def test_bench_on_a_cpu_says_what_it_measured(capsys, monkeypatch):
-    """bench on a CPU names the CPU defaults it took for the flags not typed, prints training and sampling images/s,
-    and with --profile the operators of the profiled steps (convolutions among them)."""
+    """bench on a CPU names the CPU defaults it took for the flags not typed, prints training and
+    sampling images/s, and with --profile the operators of the profiled steps (convolutions among
+    them)."""
     flags = [
         "bench",
         "--image-size",
@@ -1636,8 +1679,8 @@ def test_bench_on_a_cpu_says_what_it_measured(capsys, monkeypatch):
     assert ddpm.main([*flags, "--profile", "2"]) == 0
     out = capsys.readouterr().out
     assert (
-        "CPU defaults for the flags not typed: --base-channels 32 --channel-mult 1,2 --num-res-blocks 1 "
-        "--batch-size 32 --sample-batch-size 32" in out
+        "CPU defaults for the flags not typed: --base-channels 32 --channel-mult 1,2 "
+        "--num-res-blocks 1 --batch-size 32 --sample-batch-size 32" in out
     )
     assert (
         "bench: res, 635,427 parameters, 8x8" in out
@@ -1650,8 +1693,8 @@ def test_bench_on_a_cpu_says_what_it_measured(capsys, monkeypatch):
 
 
 def ddp_worker(rank, world, ports, image_dir, root):
-    """One of two torchrun-style processes (Gloo): the DDP scenarios one after the other, each in its own process
-    group; what each returned and printed goes to root/rank{rank}.pt."""
+    """One of two torchrun-style processes (Gloo): the DDP scenarios one after the other, each in
+    its own process group; what each returned and printed goes to root/rank{rank}.pt."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -1698,9 +1741,10 @@ def ddp_worker(rank, world, ports, image_dir, root):
 
 
 def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir, tmp_path):
-    """torchrun-style DDP with 2 Gloo processes: rank 0 alone writes; a run stopped and resumed equals the uninterrupted
-    one bit for bit; a SIGTERM that reaches rank 1 alone, after step 2, stops both at the next agreement (step 10),
-    saved once and said once; a full disk on rank 0 ends both ranks with one line, and neither hangs."""
+    """torchrun-style DDP with 2 Gloo processes: rank 0 alone writes; a run stopped and resumed
+    equals the uninterrupted one bit for bit; a SIGTERM that reaches rank 1 alone, after step 2,
+    stops both at the next agreement (step 10), saved once and said once; a full disk on rank 0 ends
+    both ranks with one line, and neither hangs."""
     ports = []
     for _ in range(5):
         with socket.socket() as s:
@@ -1726,8 +1770,8 @@ def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir
 
 
 def test_compare_tabulates_loss_curves(tmp_path, capsys):
-    """compare prints each run's mean loss over 8 stretches of steps, from the rows of log.csv; a step logged twice
-    (by an older version after a crash) counts once, with its last row."""
+    """compare prints each run's mean loss over 8 stretches of steps, from the rows of log.csv; a
+    step logged twice (by an older version after a crash) counts once, with its last row."""
     for name, scale in [("a", 1.0), ("b", 2.0)]:
         (tmp_path / name).mkdir()
         rows = ["step,epoch,loss,lr,grad_norm,images_per_s,elapsed_s"]
@@ -1760,7 +1804,8 @@ def readme_commands(text):
 
 
 def test_readme_commands_parse_and_pictures_exist():
-    """Every ddpm.py command line in the README is accepted by the parser; every picture it shows is in assets/ and small."""
+    """Every ddpm.py command line in the README is accepted by the parser; every picture it shows is
+    in assets/ and small."""
     text = README.read_text()
     commands = readme_commands(text)
     assert len(commands) >= 15
