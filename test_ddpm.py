@@ -466,7 +466,8 @@ def test_tiny_model_overfits_a_fixed_batch(name):
 
 
 def test_bf16_autocast_changes_the_speed_not_the_loss():
-    """Under bf16 autocast L_simple stays float32 and within 2% of float32's."""
+    """Under bf16 autocast the network really runs in bf16 (every conv's output and eps_theta are
+    bf16) while L_simple is float32, not equal to float32's, and within 2% of it."""
     torch.manual_seed(0)
     model = randomized(ddpm.ResAttUNet(in_channels=3, **TINY)).eval()
     d = linear_diffusion()
@@ -475,11 +476,20 @@ def test_bf16_autocast_changes_the_speed_not_the_loss():
         torch.randn(16, 3, 8, 8),
         torch.randint(0, 1000, (16,)),
     )
+    convs, eps = [], []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: convs.append(out.dtype))
+    watched = lambda x_t, t: eps.append(model(x_t, t)) or eps[-1]  # noqa: E731
     with torch.no_grad():
-        loss32 = d.p_losses(model, x_0, t, noise)
+        loss32 = d.p_losses(watched, x_0, t, noise)
+        assert set(convs) == {torch.float32} and eps[-1].dtype == torch.float32
+        convs.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss16 = d.p_losses(model, x_0, t, noise)
-    assert loss16.dtype == torch.float32 and abs(loss16.item() / loss32.item() - 1) < 0.02
+            loss16 = d.p_losses(watched, x_0, t, noise)
+    assert set(convs) == {torch.bfloat16} and eps[-1].dtype == torch.bfloat16
+    assert loss16.dtype == torch.float32 and loss16.item() != loss32.item()
+    assert abs(loss16.item() / loss32.item() - 1) < 0.02
 
 
 # -----------------------------------------------------------------------------
