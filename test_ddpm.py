@@ -711,27 +711,36 @@ def test_ddim_eta1_all_steps_equals_ddpm_with_beta_tilde():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_dpm_solver_timesteps_are_even_in_log_snr(schedule):
-    """DPM-Solver's steps start at T-1, end at 0, strictly decrease for any 2 <= steps <= T, and
-    where no two targets share a step they are evenly spaced in lambda = log(sqrt(alpha_bar / (1 -
-    alpha_bar)))."""
-    d = ddpm.GaussianDiffusion(ddpm.SCHEDULES[schedule](1000))
+    """DPM-Solver's steps start at T-1, end at 0 and strictly decrease for any 2 <= steps <= T;
+    each is the step nearest its target, the targets evenly spaced in lambda = log(sqrt(alpha_bar /
+    (1 - alpha_bar))) [Lu et al. 2022, Sec. 3.3], so within half of lambda's local grid spacing of
+    it, except where targets crowd onto one step: there, pushed off it by one step each."""
+    schedules = {"linear": ddpm.linear_beta_schedule, "cosine": ddpm.cosine_beta_schedule}
+    d = ddpm.GaussianDiffusion(schedules[schedule](1000))
     lam = 0.5 * (d.alphas_cumprod.double().log() - (1 - d.alphas_cumprod.double()).log())
+    spacing = (lam[:-1] - lam[1:]).abs()  # between code steps t and t + 1
+    pad = nn.functional.pad
+    half_cell = torch.maximum(pad(spacing, (1, 0)), pad(spacing, (0, 1))) / 2  # around t
+    pushed = {}
     for steps in [2, 3, 10, 20, 50, 200, 999, 1000]:
         ts = ddpm.dpm_solver_timesteps(d.alphas_cumprod, steps)
-        assert (
-            len(ts) == steps
-            and ts[0] == 999
-            and ts[-1] == 0
-            and all(a > b for a, b in zip(ts, ts[1:]))
+        assert len(ts) == steps and ts[0] == 999 and ts[-1] == 0
+        assert all(a > b for a, b in zip(ts, ts[1:]))
+        targets = lam[-1] + (lam[0] - lam[-1]) * torch.arange(steps, dtype=torch.float64) / (
+            steps - 1
         )
-    ts = ddpm.dpm_solver_timesteps(d.alphas_cumprod, 10)
-    gaps = (lam[ts[1:]] - lam[ts[:-1]]) / (
-        (lam[0] - lam[-1]) / 9
-    )  # each gap in units of an even step
-    if (
-        schedule == "linear"
-    ):  # (cosine's last beta is clipped to 0.999: lambda jumps between t = 998 and 999)
-        assert (gaps - 1).abs().max() < 0.2
+        nearest = [(lam - target).abs().argmin().item() for target in targets]
+        pushed[steps] = 0
+        for i, (t, near, target) in enumerate(zip(ts, nearest, targets)):
+            if t == near:  # evenly spaced, up to the grid: within half a cell of its target
+                assert abs(lam[t] - target) <= half_cell[t] + 1e-12, (steps, i)
+            else:  # pushed off a step its neighbour took, by one step, away from that neighbour
+                pushed[steps] += 1
+                assert t == (ts[i + 1] + 1 if t > near else ts[i - 1] - 1), (steps, i, t, near)
+    # 10 steps: none pushed with the linear schedule; with the cosine one, whose last beta is
+    # clipped to 0.999, lambda falls by 3.45 from t = 998 to 999, twice the even step (1.66), so
+    # the 2nd and 3rd targets find their nearest steps taken: each goes one step lower
+    assert pushed[10] == {"linear": 0, "cosine": 2}[schedule], pushed
     with pytest.raises(ValueError):
         ddpm.dpm_solver_timesteps(d.alphas_cumprod, 1)
 
