@@ -713,7 +713,7 @@ def test_ddim_eta1_all_steps_equals_ddpm_with_beta_tilde():
 def test_dpm_solver_timesteps_are_even_in_log_snr(schedule):
     """DPM-Solver's steps start at T-1, end at 0 and strictly decrease for any 2 <= steps <= T;
     each is the step nearest its target, the targets evenly spaced in lambda = log(sqrt(alpha_bar /
-    (1 - alpha_bar))) [Lu et al. 2022, Sec. 3.3], so within half of lambda's local grid spacing of
+    (1 - alpha_bar))) [Lu et al. 2022], so within half of lambda's local grid spacing of
     it, except where targets crowd onto one step: there, pushed off it by one step each."""
     schedules = {"linear": ddpm.linear_beta_schedule, "cosine": ddpm.cosine_beta_schedule}
     d = ddpm.GaussianDiffusion(schedules[schedule](1000))
