@@ -1240,10 +1240,28 @@ def test_forward_picture_shows_q_sample_at_the_stated_steps(image_dir, tmp_path,
 
 
 def test_grey_folder_gives_one_channel(tmp_path):
-    """Channels follow the data: a folder of grey images trains a 1-channel model."""
+    """Channels follow the data: a folder of grey images trains a 1-channel model (ckpt.pt's first
+    conv takes 1 channel and its last gives 1), whose pictures are grey and whose samples are
+    (N, H, W, 1)."""
     images = write_image_folder(tmp_path / "grey", n=16, channels=1)
     x = ddpm.load_dataset("folder", images, 8)
     assert x.shape == (16, 1, 8, 8) and x.dtype == torch.uint8
+    fast = ["--sampler", "ddim", "--sample-steps", "2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        flags = train_flags(images, tmp_path / "run", "--max-steps", "2", "--sample-every", "0")
+        assert ddpm.main([*flags, *fast]) == 0
+        ckpt = state_of(tmp_path / "run")
+        assert ckpt["config"]["channels"] == 1
+        for key in ("model", "ema"):  # conv weights are (out, in, k, k): one takes 1, one gives 1
+            convs = [w.shape for w in ckpt[key].values() if w.ndim == 4]
+            assert [s[1] for s in convs].count(1) == 1 and [s[0] for s in convs].count(1) == 1
+        for picture in ("samples.png", "reverse_process.png"):  # PNGs in RGB, all three equal
+            rgb = read_png(tmp_path / "run" / picture)
+            assert rgb.shape[0] == 3 and (rgb == rgb[:1]).all() and rgb.float().std() > 0
+        ckpt_flag = ["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--device", "cpu"]
+        sample = ["sample", *ckpt_flag, "--num-samples", "2", "--format", "npz", *fast]
+        assert ddpm.main(sample) == 0
+    assert np.load(tmp_path / "run" / "samples" / "samples.npz")["arr_0"].shape == (2, 8, 8, 1)
 
 
 def test_resume_is_bit_identical(image_dir, tmp_path):
