@@ -709,6 +709,62 @@ def test_ddim_eta1_all_steps_equals_ddpm_with_beta_tilde():
     assert (other - ddpm_x).abs().max() > 0.1  # and eta matters
 
 
+def ddim_by_hand(alphas_cumprod, ts, x_T, eta, generator):
+    """Song et al.'s DDIM in float64 from x_T over the code steps ts (no clipping): Eq. 12 with
+    sigma from Eq. 16, z drawn from `generator` before each step but the last (where sigma = 0)."""
+    x = x_T.double()
+    for i, t in enumerate(ts):
+        a = alphas_cumprod[t]
+        a_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else 1.0  # alpha_0 = 1 [Eq. 12]
+        eps = toy_model(x, torch.full((len(x),), t)).double()
+        x_0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)  # "predicted x_0" [Eq. 12]
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)  # [Eq. 16]
+        assert 1 - a_prev - sigma**2 >= 0  # in float64 it never needs a clamp for eta <= 1
+        x = math.sqrt(a_prev) * x_0 + math.sqrt(1 - a_prev - sigma**2) * eps
+        if i + 1 < len(ts):
+            x = x + sigma * torch.randn(x.shape, generator=generator).double()
+    return x
+
+
+def test_ddim_with_eta_between_0_and_1_is_eq_12_by_hand():
+    """DDIM with eta = 0.3 or 0.7 over 5 of T = 50 steps equals Eq. 12 with sigma from Eq. 16
+    [Song et al. 2021], done by hand in float64 from the same x_T and z; 1 - a' - sigma^2 is >= 0
+    for eta in {0.3, 1} at every step of every sub-sequence of both schedules; where float32
+    rounds it below 0 (cosine, 2 steps, eta = 1) the clamp keeps the images finite."""
+    ac = np.cumprod(1 - np.linspace(1e-4, 0.2, 50))  # float64, independently of GaussianDiffusion
+    ts = [i * 49 // 4 for i in reversed(range(5))]  # tau: floor(i (T - 1) / (S - 1)) [Sec. 4.2]
+    x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for eta in (0.3, 0.7):
+        out = ddpm.ddim_sample_loop(
+            linear_diffusion(50, 0.2),
+            toy_model,
+            x_T.shape,
+            5,
+            eta,
+            clip_denoised=False,
+            x_T=x_T,
+            generator=torch.Generator().manual_seed(1),
+        )
+        ref = ddim_by_hand(ac, ts, x_T, eta, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+        assert (out.double() - ddim_by_hand(ac, ts, x_T, 0.0, None)).abs().max() > 0.1  # eta acts
+    for schedule in (ddpm.linear_beta_schedule, ddpm.cosine_beta_schedule):
+        ac = torch.cumprod(1 - schedule(1000), 0)
+        for steps in (2, 5, 10, 50, 100, 1000):
+            ts = ddpm.ddim_timesteps(1000, steps)
+            for t, s in zip(ts, ts[1:]):
+                a, a_prev = ac[t], ac[s]
+                for eta in (0.3, 1.0):
+                    sigma2 = eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)  # [Eq. 16]
+                    assert 1 - a_prev - sigma2 >= 0, (schedule, steps, t, eta)
+    d = ddpm.GaussianDiffusion(ddpm.cosine_beta_schedule(1000))
+    g = torch.Generator().manual_seed(1)
+    out = ddpm.ddim_sample_loop(d, toy_model, x_T.shape, 2, 1.0, False, x_T=x_T, generator=g)
+    ref = ddim_by_hand(d.alphas_cumprod.double().numpy(), [999, 0], x_T, 1.0, g.manual_seed(1))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=1e-3, rtol=1e-4)
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_dpm_solver_timesteps_are_even_in_log_snr(schedule):
     """DPM-Solver's steps start at T-1, end at 0 and strictly decrease for any 2 <= steps <= T;
