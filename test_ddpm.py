@@ -7,6 +7,7 @@ CPU only, offline, fixed seeds; the data is generated here. Run: python -m pytes
 
 import ast
 import contextlib
+import copy
 import io
 import math
 import os
@@ -547,6 +548,35 @@ def test_train_step_warmup_and_ema_match_an_independent_computation():
         ]
     for r, e in zip(reference, ema.parameters()):
         torch.testing.assert_close(e.double(), r, atol=1e-6, rtol=1e-5)
+
+
+def test_train_step_applies_exactly_the_clipped_gradient(monkeypatch):
+    """train_step steps with g * min(1, c / ||g||), ||g|| the global norm over all parameters
+    [App. B, official code: clip at 1]: with SGD at lr 1 the weights move by exactly -g c / ||g||
+    when ||g|| = 50 c, by -g when ||g|| = c / 2 (c = 0.3); it returns ||g|| before clipping."""
+    torch.manual_seed(0)
+    net = randomized(ddpm.ResAttUNet(in_channels=1, **{**TINY, "dropout": 0.0}))
+    x_0, target = torch.rand(2, 1, 8, 8) * 2 - 1, torch.randn(2, 1, 8, 8)
+    d, scale, clip = linear_diffusion(20), [1.0], 0.3
+
+    def fixed_loss(model, x_0, *args, **kwargs):  # L_simple at a fixed t and eps: no draws
+        return scale[0] * (model(x_0, torch.tensor([3, 15])) - target).pow(2).mean()
+
+    monkeypatch.setattr(d, "p_losses", fixed_loss)
+    grads = torch.autograd.grad(fixed_loss(net, x_0), list(net.parameters()))  # g at scale 1
+    norm = torch.cat([g.double().flatten() for g in grads]).norm().item()  # float32 sums drift
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for factor in (50.0, 0.5):
+        scale[0] = factor * clip / norm  # the gradient is now scale * g, of norm factor * clip
+        model = copy.deepcopy(net)
+        before = [p.detach().clone() for p in model.parameters()]
+        sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+        _, grad_norm = ddpm.train_step(model, d, sgd, scaler, x_0, grad_clip=clip)
+        assert grad_norm.item() == pytest.approx(factor * clip, rel=1e-6)
+        kept = min(1.0, 1 / factor)  # the fraction of the gradient that clipping keeps
+        for p_0, p, g in zip(before, model.parameters(), grads):  # to float32 rounding of p
+            ulp = 2 * torch.finfo(torch.float32).eps * p_0.abs().max().item()
+            torch.testing.assert_close(p_0 - p.detach(), scale[0] * kept * g, rtol=1e-5, atol=ulp)
 
 
 def test_parts_one_to_three_alone_train_and_sample():
