@@ -1540,6 +1540,49 @@ def test_infinite_gradient_stops_before_the_weights_reach_a_checkpoint(
     )
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward returns an infinite gradient: an fp16 overflow in backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, math.inf)
+
+
+def test_infinite_gradient_under_fp16_is_a_step_the_scaler_skips(image_dir, tmp_path, monkeypatch):
+    """With --amp fp16 an infinite gradient at step 3 is the GradScaler's to skip, not a stop: the
+    run ends at step 5 with finite weights and EMA, Adam has taken 4 steps, and the loss scale is
+    the initial 65536 halved once (the scaler's backoff; it grows only after 2000 good steps)."""
+    monkeypatch.setattr(
+        ddpm,
+        "setup_device",
+        lambda args: (torch.device("cpu"), torch.float16 if args.amp == "fp16" else None),
+    )
+    real_losses, calls = ddpm.GaussianDiffusion.p_losses, []
+
+    def inf_gradient_at_step_3(self, *args, **kwargs):  # in backward, before the scaler unscales
+        calls.append(1)
+        loss = real_losses(self, *args, **kwargs)
+        return InfiniteGradient.apply(loss) if len(calls) == 3 else loss
+
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "p_losses", inf_gradient_at_step_3)
+    flags = ["--max-steps", "5", "--amp", "fp16", "--sample-every", "0", "--log-every", "1"]
+    flags += ["--sampler", "ddim", "--sample-steps", "2"]  # fp16 convolutions are slow on a CPU
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert ddpm.main(train_flags(image_dir, tmp_path, *flags)) == 0
+    ckpt = state_of(tmp_path)
+    assert len(calls) == 5 and ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for key in ("model", "ema") for v in ckpt[key].values())
+    assert {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {4.0}
+    assert ckpt["scaler"]["scale"] == 65536.0 / 2
+    rows = (tmp_path / "log.csv").read_text().splitlines()[1:]
+    finite = [math.isfinite(float(r.split(",")[4])) for r in rows]  # the logged gradient norms
+    assert finite == [True, True, False, True, True]  # step 3 alone overflowed
+
+
 def test_full_disk_keeps_the_last_checkpoint_and_the_log_has_one_row_per_step(
     image_dir, tmp_path, monkeypatch, capsys
 ):
