@@ -1284,6 +1284,48 @@ def test_sample_is_reproducible_uses_eval_mode_and_variance(trained_run, tmp_pat
     assert set(variances[:20]) == {"fixedlarge"} and set(variances[40:]) == {"fixedsmall"}
 
 
+def images_by_hand(ckpt, weights, schedule, seed, n, steps):
+    """What sample --format npz --sampler ddim should write for a checkpoint: the network built
+    from its config and ckpt[weights] here, DDIM (eta = 0) from x_T ~ randn(seed) drawn on the
+    CPU, mapped to uint8 (N, H, W, C)."""
+    cfg = ckpt["config"]
+    net = ddpm.MODELS[cfg["model"]](
+        in_channels=cfg["channels"],
+        base_channels=cfg["base_channels"],
+        channel_mult=tuple(cfg["channel_mult"]),
+        num_res_blocks=cfg["num_res_blocks"],
+        attn_resolutions=tuple(cfg["attn_resolutions"]),
+        dropout=cfg["dropout"],
+        image_size=cfg["image_size"],
+    )
+    net.load_state_dict(ckpt[weights])
+    shape = (n, cfg["channels"], cfg["image_size"], cfg["image_size"])
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    d = ddpm.GaussianDiffusion(schedule(cfg["timesteps"]))
+    x_0 = ddpm.ddim_sample_loop(d, net.eval(), shape, steps, x_T=x_T)
+    return ((x_0 + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_sample_weights_model_uses_the_raw_weights(trained_run, tmp_path):
+    """sample --weights model samples from the raw weights, --weights ema (the default) from their
+    EMA [App. B]: each equals DDIM run here on the network built from that state of ckpt.pt, from
+    the same x_T, and the two differ."""
+    ckpt, arrays = state_of(trained_run), {}
+    torch.manual_seed(0)  # 10 steps at a warming-up lr leave the two alike: move the raw weights
+    ckpt["model"] = {k: v + 0.05 * torch.randn_like(v) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    for weights in ("model", "ema"):
+        out = tmp_path / weights
+        flags = ["sample", "--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu"]
+        flags += ["--num-samples", "3", "--format", "npz", "--out-dir", str(out), "--seed", "7"]
+        flags += ["--sampler", "ddim", "--sample-steps", "5", "--weights", weights]
+        assert ddpm.main(flags) == 0
+        arrays[weights] = np.load(out / "samples.npz")["arr_0"].astype(int)
+        mine = images_by_hand(ckpt, weights, ddpm.linear_beta_schedule, 7, 3, 5)
+        assert np.abs(arrays[weights] - mine).max() <= 1, weights  # 1: a rounding tie at most
+    assert np.abs(arrays["model"] - arrays["ema"]).max() > 10
+
+
 def test_forward_picture_shows_q_sample_at_the_stated_steps(image_dir, tmp_path, capsys):
     """forward writes a row per image: x_0, then q_sample at the t it prints (T/10, ..., T) with one
     eps per row [Eq. 4]."""
