@@ -1432,6 +1432,37 @@ def test_resume_keeps_the_runs_flags_and_takes_typed_ones(image_dir, tmp_path):
     assert ckpt["config"]["data_dir"] == str(image_dir) and ckpt["config"]["max_steps"] == 6
 
 
+def test_cosine_schedule_is_kept_by_train_resume_and_sample(image_dir, tmp_path, monkeypatch):
+    """--schedule cosine [Nichol & Dhariwal 2021] reaches every command: train saves it and trains
+    with it, a resume without the flag keeps it, and sample draws with it: its images equal DDIM
+    run here with the cosine schedule, and differ from the linear schedule's."""
+    used = []
+    for name in ("linear", "cosine"):  # which schedule each command builds its diffusion from
+        real = ddpm.SCHEDULES[name]
+        monkeypatch.setitem(
+            ddpm.SCHEDULES, name, lambda T, real=real, name=name: used.append(name) or real(T)
+        )
+    out = tmp_path / "run"
+    fast = ["--sample-every", "0", "--sampler", "ddim", "--sample-steps", "2"]
+    resume = ["--resume", "--out-dir", str(out), "--max-steps", "3", "--device", "cpu"]
+    sample = ["sample", "--ckpt", str(out / "ckpt.pt"), "--device", "cpu", "--seed", "7"]
+    sample += ["--num-samples", "3", "--format", "npz", "--sampler", "ddim", "--sample-steps", "5"]
+    train = train_flags(image_dir, out, "--schedule", "cosine", "--max-steps", "2", *fast)
+    for argv in (train, resume, sample):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert ddpm.main(argv) == 0
+        assert set(used) == {"cosine"}, (argv[0], used)
+        used.clear()
+    ckpt = state_of(out)
+    assert ckpt["step"] == 3 and ckpt["config"]["schedule"] == "cosine"
+    images = np.load(out / "samples" / "samples.npz")["arr_0"].astype(int)
+    cosine, linear = (
+        images_by_hand(ckpt, "ema", schedule, 7, 3, 5)
+        for schedule in (ddpm.cosine_beta_schedule, ddpm.linear_beta_schedule)
+    )
+    assert np.abs(images - cosine).max() <= 1 and np.abs(images - linear).max() > 10
+
+
 def test_resume_with_fp16_from_a_float32_run(image_dir, tmp_path, monkeypatch):
     """A run saved without --amp fp16 (an empty scaler state) resumes with --amp fp16: the scaler
     starts afresh (on the CPU here, where torch's fp16 autocast and GradScaler work too)."""
