@@ -936,6 +936,45 @@ def test_watched_model_counts_and_keeps_the_trajectory():
     assert not torch.equal(watched.kept[1], x_T) and x_0.shape == x_T.shape
 
 
+def fake_torchvision_set(data, made):
+    """A stand-in for a torchvision dataset class: no download; .data and .targets as torchvision's
+    have them; each instance records (root, train) in `made`."""
+
+    class Fake:
+        def __init__(self, root, train=True, download=False, **kwargs):
+            made.append((str(root), train))
+            self.data, self.targets = data, [k % 10 for k in range(len(data))]
+
+    return Fake
+
+
+def test_torchvision_sets_are_padded_permuted_resized_and_spread(tmp_path, monkeypatch):
+    """load_dataset on torchvision's training sets (faked: no download): 28x28 grey images padded
+    with 2 zero pixels a side to (N, 1, 32, 32) uint8, exactly; CIFAR-10's (N, 32, 32, 3) permuted
+    to (N, 3, 32, 32); another image size is the antialiased resize of those; max_images=k takes k
+    images spread evenly over the set, the first and the last included."""
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8, generator=g)  # a uint8 tensor
+    rgb = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8, generator=g).numpy()  # numpy
+    made = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_torchvision_set(grey, made))
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_torchvision_set(rgb, made))
+    x = ddpm.load_dataset("fashion_mnist", tmp_path, 32)
+    padded = torch.from_numpy(np.pad(grey.numpy(), ((0, 0), (2, 2), (2, 2))))[:, None]
+    assert x.dtype == torch.uint8 and x.shape == (10, 1, 32, 32) and torch.equal(x, padded)
+    assert made == [(str(tmp_path), True)]  # the training split
+    resize = torchvision.transforms.functional.resize
+    small = ddpm.load_dataset("fashion_mnist", tmp_path, 16)
+    assert small.shape == (10, 1, 16, 16) and torch.equal(small, resize(padded, 16, antialias=True))
+    chw = torch.from_numpy(rgb.transpose(0, 3, 1, 2).copy())  # (N, 3, 32, 32)
+    assert torch.equal(ddpm.load_dataset("cifar10", tmp_path, 32), chw)
+    assert torch.equal(ddpm.load_dataset("cifar10", tmp_path, 16), resize(chw, 16, antialias=True))
+    spread = [round(i * 9 / 3) for i in range(4)]  # 4 of 10: 0, 3, 6, 9
+    assert torch.equal(ddpm.load_dataset("cifar10", tmp_path, 32, max_images=4), chw[spread])
+    assert torch.equal(ddpm.load_dataset("fashion_mnist", tmp_path, 32, 4), padded[spread])
+    assert torch.equal(ddpm.load_dataset("cifar10", tmp_path, 32, max_images=50), chw)
+
+
 def test_compiled_training_step_has_eager_loss_and_gradients():
     """--compile runs the network through inductor, forward and backward, in the GPU's layout
     (channels_last): its loss and gradient of L_simple equal eager's to float32 rounding, and it
