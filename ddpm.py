@@ -802,11 +802,8 @@ def load_dataset(name, data_dir, image_size, max_images=None):
         dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
         ds = dataset(data_dir, train=True, download=True)
     except Exception as e:  # no internet, a proxy, a full disk: all end the same way
-        raise UserError(
-            f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); without "
-            f"internet, put torchvision's {name} files there, or train on any images with "
-            "--dataset folder --data-dir DIR"
-        )
+        fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
+        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
     x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     x = x[evenly_spaced(len(x), max_images)]
     if x.ndim == 4:
@@ -863,9 +860,7 @@ def build_model(cfg):
     except ValueError as e:
         raise UserError(f"{e} (flags {flags})")
     if size > 2**32:  # 16 GiB of float32 weights, and three times that with Adam's state
-        raise UserError(
-            f"that network would have {size:,} parameters, too many to fit: lower {flags}"
-        )
+        raise UserError(f"that network would have {size:,} parameters, too many: lower {flags}")
     return MODELS[cfg["model"]](**kwargs)
 
 
@@ -922,10 +917,8 @@ def save_checkpoint(path, state):
         torch.save(state, tmp)
     except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer raises RuntimeError)
         tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"cannot write {path} ({first_line(e)}); the checkpoint already there, if any, is "
-            "intact: free some disk space, then continue with --resume"
-        )
+        fix = "the checkpoint there, if any, is intact: free some disk space, then --resume"
+        raise UserError(f"cannot write {path} ({first_line(e)}); {fix}")
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
 
@@ -939,10 +932,8 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f"cannot load {path}: truncated, or not from ddpm.py ({first_line(e)})")
     if isinstance(ckpt, dict) and ckpt.get("format") == "ddpm.py checkpoint 1":
-        raise UserError(
-            f"{path} is a format-1 checkpoint, whose layers had other names; sample or resume it "
-            "with the ddpm.py that wrote it (the README says which)"
-        )
+        fix = "sample or resume it with the ddpm.py that wrote it (the README says which)"
+        raise UserError(f"{path} is a format-1 checkpoint, whose layers had other names; {fix}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint")
     return ckpt
@@ -1049,10 +1040,11 @@ def resume_config(args, ckpt):
         if key not in args.explicit:
             setattr(args, key, saved)
         elif key not in RESUME_MAY_CHANGE and getattr(args, key) != saved:
-            raise UserError(
-                f"--resume: --{key.replace('_', '-')} {getattr(args, key)} contradicts the "
-                f"checkpoint's {saved}; drop the flag, or start a new run in another --out-dir"
+            flag, fix = (
+                f"--{key.replace('_', '-')} {getattr(args, key)}",
+                "drop it, or use another --out-dir",
             )
+            raise UserError(f"--resume: {flag} contradicts the checkpoint's {saved}; {fix}")
 
 
 def open_run(args, out_dir, world, rank):
@@ -1146,10 +1138,8 @@ class Run:
         else:
             torch.manual_seed(self.args.seed + self.rank + self.world * self.step)
             if self.rank == 0:
-                saved = len(rng["torch"])
-                print(
-                    f"note: saved by {saved} processes, resumed by {self.world}: new random streams"
-                )
+                note = f"saved by {len(rng['torch'])} processes, resumed by {self.world}"
+                print(f"note: {note}: new random streams")
 
     def open_log(self, resumed):
         """log.csv, keeping the rows up to the checkpoint's step (those after it are done again);
@@ -1172,10 +1162,12 @@ class Run:
         print(f"training {what} {size}, {how}; step {step}/{total}")
         if args.warmup > total / 2:
             late = "never reaches" if args.warmup > total else "is late to reach"
+            shorter = (
+                f"a short run trains better with a shorter one, e.g. --warmup {max(1, total // 10)}"
+            )
             print(
                 f"note: the learning-rate warm-up (--warmup {args.warmup}) is more than half of "
-                f"this run's {total} steps, so lr {late} --lr {args.lr:g}; a short run trains "
-                f"better with a shorter one, e.g. --warmup {max(1, total // 10)}"
+                f"this run's {total} steps, so lr {late} --lr {args.lr:g}; {shorter}"
             )
 
     def agree(self, *flags):
@@ -1222,11 +1214,10 @@ class Run:
         infinite."""
         bad = self.agree(int(self.bad_step))[0]  # reads the GPU, as only log rows do besides
         if bad >= 0:
-            raise UserError(
-                f"the loss or its gradient became NaN or infinite at step {bad}; stopped without "
-                f"saving, so {self.ckpt_path} still holds step {self.saved_step} (try --amp none "
-                "or a lower --lr)"
-            )
+            kept = f"{self.ckpt_path} still holds step {self.saved_step}"
+            what = f"the loss or its gradient became NaN or infinite at step {bad}"
+            fix = "try --amp none or a lower --lr"
+            raise UserError(f"{what}; stopped without saving, so {kept} ({fix})")
         cuda = self.device.type == "cuda"
         states = [torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None]
         ranks = [states] * self.world
@@ -1298,10 +1289,8 @@ class Run:
         diffusion, ema, x_T = self.diffusion, self.training.ema, self.grid_x_T
         path = save_samples_and_trajectory(diffusion, ema, x_T, self.args, self.amp, self.out_dir)
         minutes = (self.elapsed_before + time.time() - self.started) / 60
-        trajectory = self.out_dir / "reverse_process.png"
-        print(
-            f"done: {self.step} steps in {minutes:.1f} min; {self.ckpt_path}, {path}, {trajectory}"
-        )
+        files = f"{self.ckpt_path}, {path}, {self.out_dir / 'reverse_process.png'}"
+        print(f"done: {self.step} steps in {minutes:.1f} min; {files}")
         self.log_picture(path)
         if self.wandb:
             self.wandb.finish()
@@ -1341,10 +1330,8 @@ def train(args):
         except KeyboardInterrupt:
             run.checkpoint()
             if rank == 0:
-                how = f"continue with --resume --out-dir {out_dir}"
-                print(
-                    f"\nstopped at step {run.step}: saved {run.ckpt_path}; {how}", file=sys.stderr
-                )
+                how = f"saved {run.ckpt_path}; continue with --resume --out-dir {out_dir}"
+                print(f"\nstopped at step {run.step}: {how}", file=sys.stderr)
             raise
         finally:
             if rank == 0:
@@ -1403,9 +1390,7 @@ def write_samples(args):
         stale = [p for p in folder.glob("*.png") if p.name not in ours]
         if stale:
             what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
-            raise UserError(
-                f"{folder} holds {what} (FID would read them too); use another --out-dir"
-            )
+            raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
     images = generate(model, diffusion, cfg, args, device, amp, n)  # (n, C, H, W) uint8
     save_grid(images[:64].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
@@ -1434,10 +1419,8 @@ def draw_forward_process(args):
     prepare_out_dir(out_dir := Path(args.out_dir))
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # (n * 11, C, H, W), row by row
     save_grid(grid, out_dir / "forward_process.png", nrow=len(columns))
-    print(
-        f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = "
-        + ", ".join(str(t + 1) for t in steps)
-    )
+    columns = ", ".join(str(t + 1) for t in steps)
+    print(f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = {columns}")
 
 
 BENCH_CPU = {  # the quick start's network, and few steps: a CPU bench ends within a minute
@@ -1464,10 +1447,8 @@ def benchmark(args):
     sampler_model = maybe_compile(run.ema, args)  # as in sample
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
-    print(
-        f"bench: {args.model}, {count_parameters(run.net):,} parameters, {S}x{S}, amp {amp}, "
-        f"compile {args.compile}, {where}, torch {torch.__version__}"
-    )
+    what = f"{args.model}, {count_parameters(run.net):,} parameters, {S}x{S}, amp {amp}"
+    print(f"bench: {what}, compile {args.compile}, {where}, torch {torch.__version__}")
     print(f"{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}")
 
     def train_fn(k):  # one whole training iteration: batch, loss, backward, clipping, Adam, EMA

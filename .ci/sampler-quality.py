@@ -39,7 +39,7 @@ RUNS = [
 
 
 def images(name, data_dir, size, train):
-    """The dataset's images as ddpm.py trains on them: padded to 32x32, resized; floats in [-1, 1]."""
+    """The dataset's images as ddpm.py trains on them: padded to 32x32, resized; in [-1, 1]."""
     ds = getattr(torchvision.datasets, name)(data_dir, train=train, download=True)
     x = F.pad(torch.as_tensor(ds.data)[:, None], (2, 2, 2, 2))
     x = (
@@ -76,7 +76,8 @@ def features(net, x):
 
 
 def frechet(a, b):
-    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from the eigenvalues of S_a S_b."""
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from the
+    eigenvalues of S_a S_b."""
     sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = np.sqrt(np.clip(np.linalg.eigvals(sa @ sb).real, 0, None)).sum()
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * root)
@@ -97,7 +98,7 @@ def main():
     x_test, y_test = images(args.dataset, args.data_dir, size, False)
     net, t0 = Classifier(), time.time()
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for epoch in range(6):
+    for _ in range(6):
         for idx in torch.randperm(len(x)).split(128):
             opt.zero_grad()
             F.cross_entropy(net(x[idx]), y[idx]).backward()
@@ -112,10 +113,10 @@ def main():
     print(f"classifier: {accuracy:.1%} test accuracy after {time.time() - t0:.0f} s")
     reference = features(net, x_test)
     perm, n = torch.randperm(len(x)), args.num_samples
-    rows = [
-        f"| real training images, set {k + 1} | - | - | {frechet(features(net, x[perm[k * n : (k + 1) * n]]), reference):.2f} |"
-        for k in range(2)
-    ]
+    rows = []
+    for k in range(2):
+        fd = frechet(features(net, x[perm[k * n : (k + 1) * n]]), reference)
+        rows.append(f"| real training images, set {k + 1} | - | - | {fd:.2f} |")
     for sampler, steps in RUNS:
         out = Path(args.out_dir) / f"{sampler}-{steps or cfg['timesteps']}"
         argv = [
@@ -148,9 +149,8 @@ def main():
         fd = frechet(features(net, arr), reference)
         rows.append(f"| {sampler} | {steps or cfg['timesteps']} | {seconds:.0f} | {fd:.2f} |")
         print(rows[-1], flush=True)
-    print(
-        f"\n{args.num_samples} samples from {args.ckpt}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
-    )
+    threads = torch.get_num_threads()
+    print(f"\n{n} samples from {args.ckpt}, {threads} CPU threads, torch {torch.__version__}")
     print(
         "| sampler | steps | seconds | FD to the test set |\n|---|---:|---:|---:|\n"
         + "\n".join(rows)
