@@ -153,9 +153,10 @@ class GaussianDiffusion(nn.Module):
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise
         )
 
-    def p_losses(self, model, x_0, t=None, noise=None):
+    def p_losses(self, model, x_0, t=None, noise=None, y=None):
         """L_simple [Eq. 14], Algorithm 1, lines 3-5: the mean squared error between the true
-        noise and the network's prediction of it from x_t."""
+        noise and the network's prediction of it from x_t (and class labels y, if any: not in the
+        paper, classifier-free guidance after the banner)."""
         B = x_0.shape[0]
         if t is None:
             # Alg. 1, line 3: t ~ Uniform({1, ..., T}), i.e. code t in {0..T-1}
@@ -165,7 +166,7 @@ class GaussianDiffusion(nn.Module):
         # the argument of eps_theta in Alg. 1, line 5:
         # sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
         x_t = self.q_sample(x_0, t, noise)
-        eps_pred = model(x_t, t)
+        eps_pred = model(x_t, t) if y is None else model(x_t, t, y)
         # Alg. 1, line 5: || eps - eps_theta(x_t, t) ||^2, averaged over pixels and batch
         return F.mse_loss(eps_pred.float(), noise.float())
 
@@ -339,7 +340,8 @@ class ResAttUNet(nn.Module):
     halves the resolution; the middle runs block, attention, block; going up, each level runs
     num_res_blocks + 1 blocks, each fed the running features joined with one saved skip, then
     doubles the resolution. Every block sees the time embedding. `block` and `with_attention` serve
-    the ablations."""
+    the ablations; num_classes > 0 adds a class label y to the time embedding (not in the paper:
+    classifier-free guidance, after the banner), label num_classes standing for "no label"."""
 
     def __init__(
         self,
@@ -352,6 +354,7 @@ class ResAttUNet(nn.Module):
         image_size=32,
         block=ResBlock,
         with_attention=True,
+        num_classes=0,
     ):
         super().__init__()
         widths = [base_channels * m for m in channel_mult]  # channels at each level
@@ -376,6 +379,8 @@ class ResAttUNet(nn.Module):
             init_(nn.Linear(base_channels, temb_ch)), nn.SiLU(), init_(nn.Linear(temb_ch, temb_ch))
         )
         self.conv_in = init_(nn.Conv2d(in_channels, base_channels, 3, padding=1))
+        if num_classes:  # one learned vector per class, and one for "no label"
+            self.label_emb = nn.Embedding(num_classes + 1, temb_ch)
 
         def stage(
             in_ch, out_ch, res
@@ -416,9 +421,12 @@ class ResAttUNet(nn.Module):
         self.norm_out = group_norm(ch)
         self.conv_out = init_(nn.Conv2d(ch, in_channels, 3, padding=1), scale=0.0)  # zero init
 
-    def forward(self, x, t):
-        """x: (B, C, H, W) noisy images x_t, t: (B,) code steps -> eps_pred (B, C, H, W)."""
+    def forward(self, x, t, y=None):
+        """x: (B, C, H, W) noisy images x_t, t: (B,) code steps, y: (B,) class labels or None
+        -> eps_pred (B, C, H, W)."""
         temb = self.temb(timestep_embedding(t, self.base_channels))  # (B, 4 base)
+        if y is not None:  # as the conditional DDPM and ADM networks do: added to the time's
+            temb = temb + self.label_emb(y)  # (B, 4 base)
         hs = [self.conv_in(x)]  # (B, base, H, W): the first skip
         for level, stages in enumerate(self.down):
             for block, attn in stages:
@@ -510,12 +518,12 @@ def ema_update(ema, net, step, decay=0.9999):
         ema_p.lerp_(net_p, 1 - d)  # ema = d * ema + (1 - d) * net
 
 
-def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None):
+def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None, y=None):
     """Algorithm 1, lines 3-5 on the batch x_0, with the official code's gradient clipping. scaler:
     a torch.amp.GradScaler (a pass-through unless enabled, for float16); amp: the autocast dtype
     (None: float32). Returns (loss, grad_norm), tensors that nothing here waits for."""
     with torch.autocast(x_0.device.type, dtype=amp, enabled=amp is not None):
-        loss = diffusion.p_losses(model, x_0)  # Alg. 1, lines 3-5: t, eps and L_simple
+        loss = diffusion.p_losses(model, x_0, y=y)  # Alg. 1, lines 3-5: t, eps and L_simple
     scaler.scale(loss).backward()  # Alg. 1, line 5: the gradient of L_simple
     scaler.unscale_(optimizer)  # the true gradients, before measuring them (no-op unless fp16)
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # global norm <= 1
@@ -541,6 +549,7 @@ class Training:
     ema_decay: float = 0.9999
     seed: int = 0  # of the data order
     amp: torch.dtype = None  # autocast's dtype; None: float32
+    labels: object = None  # idx -> the batch's class labels y (after the banner); None: the paper
 
 
 def make_training(net, lr=2e-4, warmup=5000, amp=None, **recipe):
@@ -559,8 +568,9 @@ def train_iteration(run, diffusion, data, step, rank=0, world=1):
     (after the banner), each takes its rank's share of the batch. Returns (loss, grad_norm)."""
     idx = batch_indices(len(data), run.batch_size, step, run.seed).tensor_split(world)[rank]
     x_0 = get_batch(data, idx, run.flip)  # Alg. 1, line 2
+    y = run.labels(idx) if run.labels else None  # class labels, for guidance (not in the paper)
     loss, grad_norm = train_step(  # Alg. 1, lines 3-5
-        run.model, diffusion, run.optimizer, run.scaler, x_0, run.grad_clip, run.amp
+        run.model, diffusion, run.optimizer, run.scaler, x_0, run.grad_clip, run.amp, y
     )
     run.scheduler.step()
     ema_update(run.ema, run.net, step, run.ema_decay)
@@ -729,6 +739,37 @@ def dpm_solver_sample_loop(
         x_0_prev, h_prev = x_0_pred, h
 
 
+# --- Classifier-free guidance  [Ho & Salimans 2022, arXiv:2207.12598] -------------------------
+# NOTE(paper): not in the paper; --class-cond trains on the labels, --guidance W samples with them
+def label_dropout(y, num_classes, drop):
+    """The labels a class-conditional training step sees [Ho & Salimans, Alg. 1]: idx -> y[idx],
+    each replaced by the "no label" class num_classes with probability drop, so that one network
+    learns both eps(x_t, t, y) and eps(x_t, t)."""
+
+    def labels(idx):
+        y_batch = y[idx.to(y.device)]  # (B,)
+        dropped = torch.rand(y_batch.shape, device=y.device) < drop  # (B,)
+        return torch.where(dropped, num_classes, y_batch)
+
+    return labels
+
+
+class Guided:
+    """A class-conditional network as the samplers call it, model(x_t, t), with classifier-free
+    guidance of weight w toward the classes y [Ho & Salimans, Eq. 6]:
+        eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label),
+    both predictions from one batched evaluation. w = 0 is the conditional model alone."""
+
+    def __init__(self, model, y, w, num_classes):
+        self.model, self.w, self.training = model, w, model.training
+        self.y = torch.cat([y, torch.full_like(y, num_classes)])  # (2B,): y, then "no label"
+
+    def __call__(self, x_t, t):
+        eps = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), self.y)  # (2B, C, H, W)
+        eps_y, eps_none = eps.chunk(2)  # 2 x (B, C, H, W)
+        return (1 + self.w) * eps_y - self.w * eps_none
+
+
 # =============================================================================
 # Engineering: progress lines, data, devices and compile, checkpoints, the commands, the CLI
 # =============================================================================
@@ -798,12 +839,7 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     "folder" reads the images under data_dir. max_images: that many, spread over the set."""
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
-    try:
-        dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
-        ds = dataset(data_dir, train=True, download=True)
-    except Exception as e:  # no internet, a proxy, a full disk: all end the same way
-        fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
-        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
+    ds = torchvision_dataset(name, data_dir)
     x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     x = x[evenly_spaced(len(x), max_images)]
     if x.ndim == 4:
@@ -815,15 +851,47 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     return x.contiguous()
 
 
-def load_image_folder(root, image_size, max_images=None):
-    """Every .png/.jpg under root, resized and centre-cropped, as (N, C, H, W); grey or RGB as
-    the first image is. Threads decode them: decoding releases the GIL."""
+def torchvision_dataset(name, data_dir):
+    """A torchvision training set, downloaded into data_dir on first use."""
+    try:
+        dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+        return dataset(data_dir, train=True, download=True)
+    except Exception as e:  # no internet, a proxy, a full disk: all end the same way
+        fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
+        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
+
+
+def image_files(root, max_images=None):
+    """The .png/.jpg files under root, in a fixed order; max_images: that many, spread over them."""
     if not root.is_dir():
         raise UserError(f"--data-dir {root} is not a folder (--dataset folder reads images there)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise UserError(f"--data-dir {root} holds no .png/.jpg/.jpeg images")
-    files = [files[i] for i in evenly_spaced(len(files), max_images)]
+    return [files[i] for i in evenly_spaced(len(files), max_images)]
+
+
+def load_labels(name, data_dir, max_images=None):
+    """(y, num_classes): the class of each image of load_dataset, for --class-cond. The torchvision
+    datasets' targets; for "folder", one class per immediate subfolder, in sorted order."""
+    if name != "folder":
+        ds = torchvision_dataset(name, data_dir)
+        y = torch.as_tensor(ds.targets)
+        return y[evenly_spaced(len(y), max_images)], len(ds.classes)
+    root = Path(data_dir)
+    folders = [f.relative_to(root).parts[:-1][:1] for f in image_files(root, max_images)]
+    if () in folders:
+        raise UserError(f"--class-cond: --data-dir {root} has images outside class subfolders")
+    classes = sorted(set(folders))
+    if len(classes) < 2:
+        raise UserError(f"--class-cond needs two or more class subfolders in --data-dir {root}")
+    return torch.tensor([classes.index(f) for f in folders]), len(classes)
+
+
+def load_image_folder(root, image_size, max_images=None):
+    """Every .png/.jpg under root, resized and centre-cropped, as (N, C, H, W); grey or RGB as
+    the first image is. Threads decode them: decoding releases the GIL."""
+    files = image_files(root, max_images)
     from PIL import Image  # Pillow: installed with torchvision
 
     def read(path, mode=None):
@@ -852,7 +920,9 @@ def build_model(cfg):
     its size is checked on the meta device first, where building it allocates nothing."""
     kwargs = {k: cfg[k] for k in ("base_channels", "num_res_blocks", "dropout", "image_size")}
     kwargs.update(channel_mult=tuple(cfg["channel_mult"]), in_channels=cfg["channels"])
-    kwargs.update(attn_resolutions=tuple(cfg["attn_resolutions"]))
+    kwargs.update(
+        attn_resolutions=tuple(cfg["attn_resolutions"]), num_classes=cfg.get("num_classes", 0)
+    )
     flags = "--image-size, --base-channels, --channel-mult or --num-res-blocks"
     try:
         with torch.device("meta"):
@@ -990,9 +1060,9 @@ def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, ke
     return (x_0, torch.stack(net.kept)) if keep else x_0
 
 
-def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
-    """The sample grid from a fixed x_T, and the progressive-generation picture: a row for each of
-    the first 8 images, x_t at 9 evenly spaced sampler steps from pure noise, then x_0."""
+def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, rows=range(8)):
+    """The sample grid from a fixed x_T, and the progressive-generation picture: a row for each
+    image in rows, x_t at 9 evenly spaced sampler steps from pure noise, then x_0."""
     T, device = diffusion.num_timesteps, x_T.device
     K = sampler_plan(args, T, device)[1]
     progress = sampling_progress("final pictures", args, T, device, len(x_T))
@@ -1000,7 +1070,8 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir):
     keep = [i * K // 9 for i in range(9)]
     x_0, xs = run_sampler(diffusion, model, x_T, args, dtype, generator, progress, keep)
     save_grid(x_0, out_dir / "samples.png", nrow=8)
-    rows = torch.cat([xs[:, :8], x_0[None, :8]]).transpose(0, 1)  # (8, 10, C, H, W)
+    rows = list(rows)
+    rows = torch.cat([xs[:, rows], x_0[None, rows]]).transpose(0, 1)  # (8, 10, C, H, W)
     save_grid(rows.flatten(0, 1), out_dir / "reverse_process.png", nrow=rows.shape[1])
     return out_dir / "samples.png"
 
@@ -1027,7 +1098,7 @@ def build_training(args, channels, device, amp=None, world=1, flip=True):
 RESUME_MAY_CHANGE = {
     *("epochs", "max_steps", "data_dir", "device", "amp", "compile", "wandb"),
     *("ckpt_every", "ckpt_minutes", "sample_every", "log_every"),
-    *("sampler", "sample_steps", "eta", "variance"),
+    *("sampler", "sample_steps", "eta", "variance", "guidance"),
 }
 
 
@@ -1094,7 +1165,7 @@ class Run:
     """A training run between two steps: its Training and diffusion, the step reached, the
     files in --out-dir (rank 0 writes them), the clocks, and the agreement between processes."""
 
-    def __init__(self, args, data, device, amp, out_dir, world, rank, wandb=None):
+    def __init__(self, args, data, device, amp, out_dir, world, rank, wandb=None, labels=None):
         self.args, self.device, self.amp, self.world, self.rank = args, device, amp, world, rank
         self.wandb, self.data_shape = wandb, tuple(data.shape)
         self.ckpt_path, self.out_dir = out_dir / "ckpt.pt", out_dir
@@ -1105,6 +1176,10 @@ class Run:
         self.total_steps = min(args.epochs * self.steps_per_epoch, args.max_steps or math.inf)
         flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
         self.training, self.diffusion = build_training(args, C, device, amp, world, flip)
+        K = args.num_classes  # class-conditional: one row of 8 per class in every grid
+        if K:
+            self.training.labels = label_dropout(labels.to(device), K, args.cond_drop)
+        self.grid_y = torch.arange(8 * K, device=device) // 8 if K else None
         self.config = {k: v for k, v in vars(args).items() if k not in ("explicit", "command")}
         self.config.update(channels=C, out_dir=str(out_dir))
         self.step = self.saved_step = 0
@@ -1115,7 +1190,7 @@ class Run:
         self.bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss
         # a fixed x_T for every grid, so that grids are comparable
         generator = torch.Generator().manual_seed(args.seed)
-        self.grid_x_T = torch.randn((64, C, H, W), generator=generator).to(device)
+        self.grid_x_T = torch.randn((8 * K or 64, C, H, W), generator=generator).to(device)
         # the processes agree over Gloo, on the CPU, so that an agreement never waits for a GPU
         cuda = device.type == "cuda"
         self.control = dist.new_group(backend="gloo") if world > 1 and cuda else None
@@ -1275,10 +1350,18 @@ class Run:
         progress = sampling_progress(f"grid for epoch {epoch}", self.args, T, self.device, 64)
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
         diffusion, ema = self.diffusion, self.training.ema
-        x_0 = run_sampler(diffusion, ema, self.grid_x_T, self.args, self.amp, generator, progress)
+        model = self.guided(ema)
+        x_0 = run_sampler(diffusion, model, self.grid_x_T, self.args, self.amp, generator, progress)
         save_grid(x_0, path, nrow=8)
         self.log_picture(path)
         self.speed_step, self.speed_from = self.step, time.time()
+
+    def guided(self, model):
+        """The EMA network as the grids sample it: guided toward one class per row, if
+        class-conditional."""
+        if self.grid_y is None:
+            return model
+        return Guided(model, self.grid_y, self.args.guidance, self.args.num_classes)
 
     def log_picture(self, path):
         if self.wandb:
@@ -1286,8 +1369,10 @@ class Run:
 
     def finish(self):
         """The final pictures, from the EMA weights and the fixed x_T, and the last line."""
-        diffusion, ema, x_T = self.diffusion, self.training.ema, self.grid_x_T
-        path = save_samples_and_trajectory(diffusion, ema, x_T, self.args, self.amp, self.out_dir)
+        diffusion, model, x_T = self.diffusion, self.guided(self.training.ema), self.grid_x_T
+        rows = range(0, len(x_T), 8) if self.grid_y is not None else range(8)  # one per class
+        args = (self.args, self.amp, self.out_dir, rows)
+        path = save_samples_and_trajectory(diffusion, model, x_T, *args)
         minutes = (self.elapsed_before + time.time() - self.started) / 60
         files = f"{self.ckpt_path}, {path}, {self.out_dir / 'reverse_process.png'}"
         print(f"done: {self.step} steps in {minutes:.1f} min; {files}")
@@ -1307,7 +1392,10 @@ def train(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     data = load_dataset(args.dataset, args.data_dir, args.image_size).to(device)  # (N, C, H, W)
-    run = Run(args, data, device, amp, out_dir, world, rank, wandb)
+    labels, args.num_classes = (
+        load_labels(args.dataset, args.data_dir) if args.class_cond else (None, 0)
+    )
+    run = Run(args, data, device, amp, out_dir, world, rank, wandb, labels)
     run.restore(ckpt)
     if rank == 0:
         run.open_log(resumed=ckpt is not None)
@@ -1361,9 +1449,24 @@ def load_sampler(args, device):
     return model, diffusion, cfg
 
 
+def class_labels(args, cfg, n):
+    """The classes of n images to sample from a class-conditional model: --class K, or all (rows
+    of 8 per class), or else every class in turn; None for an unconditional model."""
+    K, label = cfg.get("num_classes", 0), args.label
+    if label is not None and not K:
+        raise UserError(f"--class: {args.ckpt} is not class-conditional (train with --class-cond)")
+    if label not in (None, "all") and label >= K:
+        raise UserError(f"--class {label}: the model knows classes 0 to {K - 1}")
+    if not K:
+        return None
+    k = torch.arange(n)
+    return k % K if label is None else k // 8 % K if label == "all" else torch.full((n,), label)
+
+
 def generate(model, diffusion, cfg, args, device, amp, n):
     """n images (n, C, H, W) uint8 from --sampler in batches of --batch-size, all from --seed: x_T
-    drawn on the CPU (the same on every device), each step's z on the device."""
+    drawn on the CPU (the same on every device), each step's z on the device; from a
+    class-conditional model, of the classes of class_labels, with --guidance."""
     C, S, batch = cfg["channels"], cfg["image_size"], min(args.batch_size, n)
     x_T_generator = torch.Generator().manual_seed(args.seed)
     z_generator = torch.Generator(device).manual_seed(args.seed)
@@ -1371,9 +1474,14 @@ def generate(model, diffusion, cfg, args, device, amp, n):
     T = diffusion.num_timesteps
     progress = sampling_progress(f"sampling {n} images", args, T, device, batch, batches)
     model, images = maybe_compile(model, args), []
-    for _ in range(batches):  # whole batches only (one compiled shape); extras are dropped
+    labels = class_labels(args, cfg, batches * batch)  # (batches * batch,), or None
+    for start in range(0, batches * batch, batch):  # whole batches only (one compiled shape)
         x_T = torch.randn((batch, C, S, S), generator=x_T_generator).to(device)
-        x_0 = run_sampler(diffusion, model, x_T, args, amp, z_generator, progress)
+        eps_model = model  # the network as the sampler calls it, guided toward labels if any
+        if labels is not None:
+            y = labels[start : start + batch].to(device)  # (batch,)
+            eps_model = Guided(model, y, args.guidance, cfg["num_classes"])
+        x_0 = run_sampler(diffusion, eps_model, x_T, args, amp, z_generator, progress)
         images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
     return torch.cat(images)[:n]  # (n, C, H, W), [-1, 1] -> {0..255}
 
@@ -1392,7 +1500,8 @@ def write_samples(args):
             what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
             raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
     images = generate(model, diffusion, cfg, args, device, amp, n)  # (n, C, H, W) uint8
-    save_grid(images[:64].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
+    shown = 8 * cfg["num_classes"] if args.label == "all" else 64  # "all": a row per class
+    save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
         folder.mkdir(exist_ok=True)
         progress = Progress(f"writing {folder}", n)
@@ -1562,6 +1671,11 @@ FINITE_NONNEGATIVE = checked(float, lambda v: finite(v) and v >= 0, "0 or more, 
 POSITIVE = checked(float, lambda v: v > 0, "more than 0")
 FINITE_POSITIVE = checked(float, lambda v: finite(v) and v > 0, "more than 0, and finite")
 FRACTION = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
+CLASS = checked(
+    lambda text: text if text == "all" else int(text),
+    lambda v: v == "all" or v >= 0,
+    "a class number or all",
+)
 SEED = whole(0, 2**32 - 1)  # numpy's range; each process's streams add to it
 BATCH = whole(1, 2**20)
 
@@ -1598,6 +1712,12 @@ SAMPLER_FLAGS = [
     ("--sample-steps", whole(2), None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
     ("--eta", FINITE_NONNEGATIVE, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
     ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
+    (
+        "--guidance",
+        FINITE_NONNEGATIVE,
+        1.0,
+        "classifier-free guidance w (class-conditional models)",
+    ),
 ]
 DATA_FLAGS = [
     ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
@@ -1624,6 +1744,13 @@ TRAIN_FLAGS = [
     ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
     ("--log-every", whole(1), 100, "a log.csv row every N steps"),
     ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
+    (
+        "--class-cond",
+        bool,
+        False,
+        "train on the dataset's labels, for --guidance (not in the paper)",
+    ),
+    ("--cond-drop", FRACTION, 0.1, "with --class-cond, the share of labels dropped to 'no label'"),
 ]
 SAMPLE_FLAGS = [
     ("--ckpt", str, None, "a ckpt.pt written by train", dict(required=True)),
@@ -1632,6 +1759,13 @@ SAMPLE_FLAGS = [
     ("--weights", ["ema", "model"], "ema", "the EMA or the raw weights; paper: ema"),
     ("--format", ["png", "npz"], "png", "png files and a grid, or one uint8 (N, H, W, C) npz"),
     ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
+    (
+        "--class",
+        CLASS,
+        None,
+        "K, or all (a row per class); None: every class in turn",
+        dict(dest="label"),
+    ),
 ]
 FORWARD_FLAGS = [
     ("--image-size", whole(1, 4096), 32, "image side in pixels"),
