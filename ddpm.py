@@ -204,9 +204,8 @@ class GaussianDiffusion(nn.Module):
             mean, _ = self.q_posterior(x_0_pred, x_t, t_batch)
         else:
             # Eq. 11: mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) * eps_theta) / sqrt(alpha_t)
-            eps_coef = extract(self.betas, t_batch, shape) / extract(
-                self.sqrt_one_minus_alphas_cumprod, t_batch, shape
-            )
+            beta_t = extract(self.betas, t_batch, shape)  # (B, 1, 1, 1)
+            eps_coef = beta_t / extract(self.sqrt_one_minus_alphas_cumprod, t_batch, shape)
             mean = extract(self.sqrt_recip_alphas, t_batch, shape) * (x_t - eps_coef * eps_pred)
         if t == 0:
             return mean  # Alg. 2, line 3: z = 0 at the last step, so x_0 is the mean
@@ -229,10 +228,8 @@ def timestep_embedding(t, dim):
     and the sines fill the first half of the channels and the cosines the second, rather than
     alternating."""
     half = dim // 2
-    # frequencies 10000^(-i / (half - 1)) for i = 0..half-1
-    freqs = torch.exp(
-        -math.log(10000) * torch.arange(half, device=t.device) / (half - 1)
-    )  # (half,)
+    # frequencies 10000^(-i / (half - 1)) for i = 0..half-1: (half,)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
     angles = t.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)  # (B, dim)
 
@@ -360,9 +357,7 @@ class ResAttUNet(nn.Module):
         widths = [base_channels * m for m in channel_mult]  # channels at each level
         levels = len(widths)
         if levels < 1 or num_res_blocks < 1 or in_channels < 1 or not 0 <= dropout < 1:
-            raise ValueError(
-                "need channel_mult, num_res_blocks >= 1, in_channels >= 1, 0 <= dropout < 1"
-            )
+            raise ValueError("need levels, num_res_blocks, in_channels >= 1 and 0 <= dropout < 1")
         if image_size % 2 ** (levels - 1):
             raise ValueError(
                 f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) = "
@@ -382,12 +377,10 @@ class ResAttUNet(nn.Module):
         if num_classes:  # one learned vector per class, and one for "no label"
             self.label_emb = nn.Embedding(num_classes + 1, temb_ch)
 
-        def stage(
-            in_ch, out_ch, res
-        ):  # one step of a level: a block, then attention where the resolution has it
-            attn = (
-                AttnBlock(out_ch) if with_attention and res in attn_resolutions else nn.Identity()
-            )
+        # one step of a level: a block, then attention where the resolution has it
+        def stage(in_ch, out_ch, res):
+            attend = with_attention and res in attn_resolutions
+            attn = AttnBlock(out_ch) if attend else nn.Identity()
             return nn.ModuleList([block(in_ch, out_ch, temb_ch, dropout), attn])
 
         # Down: every stage output and every downsampled map is a skip the up path will take
@@ -436,9 +429,8 @@ class ResAttUNet(nn.Module):
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb)), temb)
         for level, stages in enumerate(self.up):
             for block, attn in stages:
-                h = attn(
-                    block(torch.cat([h, hs.pop()], dim=1), temb)
-                )  # (B, C + C_skip, ...) -> (B, C_level, ...)
+                h = torch.cat([h, hs.pop()], dim=1)  # (B, C + C_skip, H_level, W_level)
+                h = attn(block(h, temb))  # (B, C_level, H_level, W_level)
             if level < len(self.upsample):
                 h = self.upsample[level](h)  # (B, C_level, 2 H_level, 2 W_level)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
@@ -784,8 +776,7 @@ def first_line(e):
 
 # --- Progress lines: no phase that takes more than a few seconds is silent ---------------------
 class Progress:
-    """A phase's status line: what, how far (where(done)), images/s, ETA. It updates in place in a
-    terminal, is a plain line every 5 seconds elsewhere, and a shorter phase prints nothing."""
+    """A phase's status line (what, how far, images/s, ETA), updated in place in a terminal."""
 
     def __init__(self, what, total, images_per_tick=1.0, where=None):
         self.what, self.total, self.per = what, total, images_per_tick
@@ -809,8 +800,7 @@ class Progress:
 
 
 class Watched:
-    """The network as a sampler calls it: each call ticks `progress`, and the inputs x_t of the
-    calls numbered in `keep` (a list) are kept, for the reverse-process picture."""
+    """The network as a sampler calls it: ticks progress; keeps x_t at the calls in keep."""
 
     def __init__(self, model, progress, keep=()):
         self.model, self.progress, self.keep = model, progress, list(keep)
@@ -872,8 +862,7 @@ def image_files(root, max_images=None):
 
 
 def load_labels(name, data_dir, max_images=None):
-    """(y, num_classes): the class of each image of load_dataset, for --class-cond. The torchvision
-    datasets' targets; for "folder", one class per immediate subfolder, in sorted order."""
+    """(y, num_classes): the class of each image of load_dataset (folder: its subfolder)."""
     if name != "folder":
         ds = torchvision_dataset(name, data_dir)
         y = torch.as_tensor(ds.targets)
@@ -889,8 +878,7 @@ def load_labels(name, data_dir, max_images=None):
 
 
 def load_image_folder(root, image_size, max_images=None):
-    """Every .png/.jpg under root, resized and centre-cropped, as (N, C, H, W); grey or RGB as
-    the first image is. Threads decode them: decoding releases the GIL."""
+    """Every .png/.jpg under root, resized and centre-cropped: (N, C, H, W), grey or RGB."""
     files = image_files(root, max_images)
     from PIL import Image  # Pillow: installed with torchvision
 
@@ -916,13 +904,11 @@ def load_image_folder(root, image_size, max_images=None):
 
 # --- The network on its device, and torch.compile ---------------------------------------------
 def build_model(cfg):
-    """The network a run's configuration describes (the parsed flags, or a checkpoint's config);
-    its size is checked on the meta device first, where building it allocates nothing."""
+    """The network a config describes, its size checked first on the meta device."""
     kwargs = {k: cfg[k] for k in ("base_channels", "num_res_blocks", "dropout", "image_size")}
     kwargs.update(channel_mult=tuple(cfg["channel_mult"]), in_channels=cfg["channels"])
-    kwargs.update(
-        attn_resolutions=tuple(cfg["attn_resolutions"]), num_classes=cfg.get("num_classes", 0)
-    )
+    kwargs.update(attn_resolutions=tuple(cfg["attn_resolutions"]))
+    kwargs.update(num_classes=cfg.get("num_classes", 0))  # class-conditional: --class-cond
     flags = "--image-size, --base-channels, --channel-mult or --num-res-blocks"
     try:
         with torch.device("meta"):
@@ -958,8 +944,7 @@ def setup_device(args):
 
 
 def prepare_network(net, device):
-    """A built network on its device; on CUDA in channels_last (NHWC), the layout tensor cores
-    want."""
+    """A network on its device; on CUDA channels_last (NHWC), as tensor cores want."""
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
@@ -980,8 +965,7 @@ CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested, every ra
 
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash mid-write leaves the old checkpoint
-    intact."""
+    """Write a temporary file, then rename it: a crash leaves the old checkpoint whole."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         torch.save(state, tmp)
@@ -1025,8 +1009,7 @@ def save_grid(x, path, nrow):
 
 
 def sampler_plan(args, num_timesteps, device):
-    """--sampler's sampler and its number of network evaluations; auto: Algorithm 2 on a GPU,
-    DPM-Solver++ elsewhere, where 1000 evaluations per image take too long."""
+    """(sampler, network evaluations); auto: Algorithm 2 on a GPU, DPM-Solver++ elsewhere."""
     name = args.sampler
     if name == "auto":
         name = "ddpm" if device.type == "cuda" else "dpm++"
@@ -1047,9 +1030,8 @@ def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, ke
     network evaluation; keep (evaluation numbers): also return the x_t they saw, (K, B, C, H, W)."""
     name, steps = sampler_plan(args, diffusion.num_timesteps, x_T.device)
     T, shape = diffusion.num_timesteps, x_T.shape
-    net = Watched(
-        model, progress or sampling_progress("sampling", args, T, x_T.device, len(x_T)), keep
-    )
+    progress = progress or sampling_progress("sampling", args, T, x_T.device, len(x_T))
+    net = Watched(model, progress, keep)
     with torch.autocast(x_T.device.type, dtype=dtype, enabled=dtype is not None):
         if name == "ddpm":
             x_0 = p_sample_loop(diffusion, net, shape, True, args.variance, x_T, generator)
@@ -1078,13 +1060,10 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, row
 
 # --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
 def build_training(args, channels, device, amp=None, world=1, flip=True):
-    """(run, diffusion): the Training of Part III for the network the flags describe, on device,
-    with the module the step calls (net in DDP and/or compiled), and the diffusion."""
+    """(run, diffusion): Part III's Training of the flags' network, DDP and compile."""
     net = prepare_network(build_model({**vars(args), "channels": channels}), device)
-    recipe = dict(grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed)
-    run = make_training(
-        net, args.lr, args.warmup, amp, batch_size=args.batch_size, flip=flip, **recipe
-    )
+    recipe = dict(grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed, flip=flip)
+    run = make_training(net, args.lr, args.warmup, amp, batch_size=args.batch_size, **recipe)
     if world > 1:  # gradients averaged over the processes during backward
         ids = [device.index] if device.type == "cuda" else None
         run.model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
@@ -1103,18 +1082,15 @@ RESUME_MAY_CHANGE = {
 
 
 def resume_config(args, ckpt):
-    """Take the flags not typed from the checkpoint; refuse a typed one that contradicts it and
-    may not change."""
+    """Fill the flags not typed from the checkpoint; refuse a typed one that contradicts it."""
     for key, saved in ckpt["config"].items():
         if key in ("resume", "out_dir") or not hasattr(args, key):
             continue
         if key not in args.explicit:
             setattr(args, key, saved)
         elif key not in RESUME_MAY_CHANGE and getattr(args, key) != saved:
-            flag, fix = (
-                f"--{key.replace('_', '-')} {getattr(args, key)}",
-                "drop it, or use another --out-dir",
-            )
+            flag = f"--{key.replace('_', '-')} {getattr(args, key)}"
+            fix = "drop it, or use another --out-dir"
             raise UserError(f"--resume: {flag} contradicts the checkpoint's {saved}; {fix}")
 
 
@@ -1162,8 +1138,7 @@ def stop_on_signals():
 
 
 class Run:
-    """A training run between two steps: its Training and diffusion, the step reached, the
-    files in --out-dir (rank 0 writes them), the clocks, and the agreement between processes."""
+    """A training run between two steps: its state, its files, clocks and processes."""
 
     def __init__(self, args, data, device, amp, out_dir, world, rank, wandb=None, labels=None):
         self.args, self.device, self.amp, self.world, self.rank = args, device, amp, world, rank
@@ -1196,8 +1171,7 @@ class Run:
         self.control = dist.new_group(backend="gloo") if world > 1 and cuda else None
 
     def restore(self, ckpt):
-        """Continue from a checkpoint: the weights, Adam, the warm-up, the step, and each process's
-        random streams; or, for a new run, seed those streams."""
+        """Continue from a checkpoint (or, new, seed each process's random streams)."""
         torch.manual_seed(self.args.seed + self.rank)  # a different t, eps, flip, dropout per rank
         if not ckpt:
             return
@@ -1217,8 +1191,7 @@ class Run:
                 print(f"note: {note}: new random streams")
 
     def open_log(self, resumed):
-        """log.csv, keeping the rows up to the checkpoint's step (those after it are done again);
-        and the first console line."""
+        """log.csv, with the rows up to the checkpoint's step; and the first lines."""
         args, step, total = self.args, self.step, self.total_steps
         rows = [["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]]
         if resumed and (self.out_dir / "log.csv").exists():
@@ -1229,25 +1202,18 @@ class Run:
         if self.wandb:
             where = dict(dir=str(self.out_dir), resume="allow")  # a resumed run continues its page
             self.wandb.init(project="ddpm.py", config=self.config, **where)
-        what = (
-            f"{args.model} ({count_parameters(self.training.net):,} parameters) on {args.dataset}"
-        )
+        what = f"{args.model} ({count_parameters(self.training.net):,} parameters)"
         size = "x".join(map(str, self.data_shape))  # N x C x H x W
         how = f"{self.device}, amp {self.amp}, compile {args.compile}"
-        print(f"training {what} {size}, {how}; step {step}/{total}")
+        print(f"training {what} on {args.dataset} {size}, {how}; step {step}/{total}")
         if args.warmup > total / 2:
             late = "never reaches" if args.warmup > total else "is late to reach"
-            shorter = (
-                f"a short run trains better with a shorter one, e.g. --warmup {max(1, total // 10)}"
-            )
-            print(
-                f"note: the learning-rate warm-up (--warmup {args.warmup}) is more than half of "
-                f"this run's {total} steps, so lr {late} --lr {args.lr:g}; {shorter}"
-            )
+            tip = f"a short run trains better with a short one, e.g. --warmup {max(1, total // 10)}"
+            note = f"the learning-rate warm-up (--warmup {args.warmup}) is more than half of"
+            print(f"note: {note} this run's {total} steps, so lr {late} --lr {args.lr:g}; {tip}")
 
     def agree(self, *flags):
-        """Each flag as its maximum over the processes, so that all of them take the same
-        decision."""
+        """Each flag as its maximum over the processes: all take the same decision."""
         if self.world == 1:
             return flags
         flags = torch.tensor([int(f) for f in flags])
@@ -1285,8 +1251,7 @@ class Run:
         return not into_epoch and self.args.sample_every and epoch % self.args.sample_every == 0
 
     def checkpoint(self):
-        """Save, on rank 0, after all ranks checked that no loss or gradient went NaN or
-        infinite."""
+        """Save on rank 0, once all ranks checked that no loss or gradient went non-finite."""
         bad = self.agree(int(self.bad_step))[0]  # reads the GPU, as only log rows do besides
         if bad >= 0:
             kept = f"{self.ckpt_path} still holds step {self.saved_step}"
@@ -1357,8 +1322,7 @@ class Run:
         self.speed_step, self.speed_from = self.step, time.time()
 
     def guided(self, model):
-        """The EMA network as the grids sample it: guided toward one class per row, if
-        class-conditional."""
+        """The EMA network as the grids sample it: one class per row, if class-conditional."""
         if self.grid_y is None:
             return model
         return Guided(model, self.grid_y, self.args.guidance, self.args.num_classes)
@@ -1392,9 +1356,9 @@ def train(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     data = load_dataset(args.dataset, args.data_dir, args.image_size).to(device)  # (N, C, H, W)
-    labels, args.num_classes = (
-        load_labels(args.dataset, args.data_dir) if args.class_cond else (None, 0)
-    )
+    labels, args.num_classes = None, 0  # the classes, for guidance (not in the paper)
+    if args.class_cond:
+        labels, args.num_classes = load_labels(args.dataset, args.data_dir)
     run = Run(args, data, device, amp, out_dir, world, rank, wandb, labels)
     run.restore(ckpt)
     if rank == 0:
@@ -1433,8 +1397,7 @@ def train(args):
 
 # --- sample, forward, bench, compare: the other commands -------------------------------------
 def load_sampler(args, device):
-    """A checkpoint's network with its --weights (the EMA by default) in eval() mode on device, its
-    diffusion and its configuration: what every sampling command starts from."""
+    """(model, diffusion, config) of a checkpoint, --weights in eval() mode on device."""
     ckpt = load_checkpoint(args.ckpt)
     cfg = ckpt["config"]
     if args.sample_steps and not 2 <= args.sample_steps <= cfg["timesteps"]:
@@ -1450,8 +1413,7 @@ def load_sampler(args, device):
 
 
 def class_labels(args, cfg, n):
-    """The classes of n images to sample from a class-conditional model: --class K, or all (rows
-    of 8 per class), or else every class in turn; None for an unconditional model."""
+    """The class of each of n images: --class K, all (a row of 8 each), or each in turn."""
     K, label = cfg.get("num_classes", 0), args.label
     if label is not None and not K:
         raise UserError(f"--class: {args.ckpt} is not class-conditional (train with --class-cond)")
@@ -1568,10 +1530,8 @@ def benchmark(args):
             sampler_model(x_t, t)
 
     def timed(name, fn, n, batch):
-        progress, sync = (
-            Progress(f"bench: {name}", n, batch),
-            torch.cuda.synchronize if cuda else int,
-        )
+        progress = Progress(f"bench: {name}", n, batch)
+        sync = torch.cuda.synchronize if cuda else int
         sync()
         t0 = time.perf_counter()
         for k in range(n):
@@ -1601,8 +1561,7 @@ def benchmark(args):
 
 
 def compare_runs(args):
-    """compare: loss curves side by side, each run's mean loss (its log.csv) over 8 stretches of
-    the steps all reached."""
+    """compare: each run's mean loss (its log.csv) over 8 stretches of the steps all reached."""
     runs = {}
     for folder in map(Path, args.runs):
         try:
@@ -1623,8 +1582,7 @@ def compare_runs(args):
 
 # --- Command line --------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UserError, i.e. one line and exit status 2, and ends
-    every flag's help with its default."""
+    """argparse that reports a bad flag as a UserError, and shows every flag's default."""
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
@@ -1645,11 +1603,9 @@ def checked(kind, ok, must):
 
 
 def whole(lo, hi=math.inf):
-    """An integer flag from lo to hi: within what torch holds (64-bit seeds and sizes) and what
-    builds in reasonable time; no hi for counts that may be large."""
-    must = (
-        ("0 or more" if lo == 0 else f"at least {lo}") if hi == math.inf else f"from {lo} to {hi:,}"
-    )
+    """An integer flag from lo to hi: within what torch holds and builds in reasonable time."""
+    must = "0 or more" if lo == 0 else f"at least {lo}"
+    must = must if hi == math.inf else f"from {lo} to {hi:,}"
     return checked(int, lambda v: lo <= v <= hi, must)
 
 
@@ -1671,12 +1627,15 @@ FINITE_NONNEGATIVE = checked(float, lambda v: finite(v) and v >= 0, "0 or more, 
 POSITIVE = checked(float, lambda v: v > 0, "more than 0")
 FINITE_POSITIVE = checked(float, lambda v: finite(v) and v > 0, "more than 0, and finite")
 FRACTION = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-CLASS = checked(
-    lambda text: text if text == "all" else int(text),
-    lambda v: v == "all" or v >= 0,
-    "a class number or all",
-)
-SEED = whole(0, 2**32 - 1)  # numpy's range; each process's streams add to it
+SEED = whole(0, 2**32 - 1)
+
+
+def class_label(text):
+    """--class: a class number, or all."""
+    return text if text == "all" else whole(0)(text)
+
+
+# numpy's range; each process's streams add to it
 BATCH = whole(1, 2**20)
 
 
@@ -1693,31 +1652,21 @@ NETWORK_FLAGS = [
     ("--timesteps", whole(2, 100_000), 1000, "diffusion steps T"),
     ("--schedule", list(SCHEDULES), "linear", "beta schedule; paper: linear 1e-4 to 0.02"),
 ]
+COMPILE_MODES = ["auto", "default", "reduce-overhead", "max-autotune"]
 COMPILE_HELP = """torch.compile the network (a slow first step, faster after) in mode MODE; auto:
 reduce-overhead (CUDA graphs) when training on one GPU, default otherwise; None: off"""
 RUNTIME_FLAGS = [
     ("--device", ["auto", "cpu", "cuda", "mps"], "auto", "auto: cuda, then mps, then cpu"),
     ("--amp", ["auto", "bf16", "fp16", "none"], "auto", "auto: bf16 on CUDA, else none (float32)"),
     ("--seed", SEED, 0, "random seed"),
-    (
-        "--compile",
-        ["auto", "default", "reduce-overhead", "max-autotune"],
-        None,
-        COMPILE_HELP,
-        dict(nargs="?", const="auto", metavar="MODE"),
-    ),
+    ("--compile", COMPILE_MODES, None, COMPILE_HELP, dict(nargs="?", const="auto", metavar="MODE")),
 ]
 SAMPLER_FLAGS = [
     ("--sampler", ["auto", "ddpm", "ddim", "dpm++"], "auto", "auto: ddpm on CUDA, else dpm++"),
     ("--sample-steps", whole(2), None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
     ("--eta", FINITE_NONNEGATIVE, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
     ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
-    (
-        "--guidance",
-        FINITE_NONNEGATIVE,
-        1.0,
-        "classifier-free guidance w (class-conditional models)",
-    ),
+    ("--guidance", FINITE_NONNEGATIVE, 1.0, "classifier-free guidance w, class-conditional models"),
 ]
 DATA_FLAGS = [
     ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
@@ -1734,22 +1683,12 @@ TRAIN_FLAGS = [
     ("--ema-decay", FRACTION, 0.9999, "EMA decay, warmed up; paper: 0.9999"),
     ("--out-dir", str, None, "where ckpt.pt, log.csv and pictures go; None: runs/<model>"),
     ("--resume", bool, False, "continue the run in --out-dir from its ckpt.pt"),
-    (
-        "--ckpt-minutes",
-        NONNEGATIVE,
-        5,
-        "save ckpt.pt so often, at the end and on a stop; 0: only then",
-    ),
+    ("--ckpt-minutes", NONNEGATIVE, 5, "save ckpt.pt so often, and at the end; 0: only then"),
     ("--ckpt-every", COUNT, 0, "also save every N steps; 0: off"),
     ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
     ("--log-every", whole(1), 100, "a log.csv row every N steps"),
     ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
-    (
-        "--class-cond",
-        bool,
-        False,
-        "train on the dataset's labels, for --guidance (not in the paper)",
-    ),
+    ("--class-cond", bool, False, "train on the dataset's labels, for --guidance (not paper)"),
     ("--cond-drop", FRACTION, 0.1, "with --class-cond, the share of labels dropped to 'no label'"),
 ]
 SAMPLE_FLAGS = [
@@ -1759,13 +1698,7 @@ SAMPLE_FLAGS = [
     ("--weights", ["ema", "model"], "ema", "the EMA or the raw weights; paper: ema"),
     ("--format", ["png", "npz"], "png", "png files and a grid, or one uint8 (N, H, W, C) npz"),
     ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
-    (
-        "--class",
-        CLASS,
-        None,
-        "K, or all (a row per class); None: every class in turn",
-        dict(dest="label"),
-    ),
+    ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
 ]
 FORWARD_FLAGS = [
     ("--image-size", whole(1, 4096), 32, "image side in pixels"),
@@ -1806,9 +1739,7 @@ FLAGS.update(training=TRAIN_FLAGS, sample=SAMPLE_FLAGS, forward=FORWARD_FLAGS, b
 
 def build_parser():
     """The five commands and their flags; returns (parser, {command: subparser})."""
-    description = (
-        "Denoising Diffusion Probabilistic Models (Ho et al. 2020). With no command, trains."
-    )
+    description = "Denoising Diffusion Probabilistic Models (Ho et al. 2020); no command: train"
     parser = Parser(prog="ddpm.py", allow_abbrev=False, description=description)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     commands = {}
@@ -1830,9 +1761,8 @@ def parse_args(argv):
         argv.insert(0, "train")
     args = parser.parse_args(argv)
     typed = {tok.split("=")[0] for tok in argv}  # a resume may not contradict these
-    args.explicit = {
-        a.dest for a in commands[args.command]._actions if typed & set(a.option_strings)
-    }
+    actions = commands[args.command]._actions
+    args.explicit = {a.dest for a in actions if typed & set(a.option_strings)}
     return args
 
 
