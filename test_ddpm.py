@@ -2082,7 +2082,7 @@ def ddp_worker(rank, world, ports, image_dir, root):
                     image_dir, root / name, "--sample-every", "0", "--max-steps", "6", *extra
                 )
             )
-        results[name] = (code, err.getvalue(), len(calls))
+        results[name] = (code, err.getvalue(), len(calls), out.getvalue())
         ddpm.train_step, torch.save = real_step, real_torch_save
 
     run("once", ports[0])
@@ -2090,6 +2090,7 @@ def ddp_worker(rank, world, ports, image_dir, root):
     run("twice", ports[2], "--resume")
     run("signal", ports[3], "--max-steps", "20", fault="signal")
     run("disk", ports[4], "--ckpt-every", "2", fault="disk")
+    run("grow", ports[5], "--resume")  # saved at step 3 by one process, in the parent
     torch.save(results, root / f"rank{rank}.pt")
 
 
@@ -2097,9 +2098,14 @@ def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir
     """torchrun-style DDP with 2 Gloo processes: rank 0 alone writes; a run stopped and resumed
     equals the uninterrupted one bit for bit; a SIGTERM that reaches rank 1 alone, after step 2,
     stops both at the next agreement (step 10), saved once and said once; a full disk on rank 0 ends
-    both ranks with one line, and neither hangs."""
+    both ranks with one line, and neither hangs; a run saved by one process resumes on two, with new
+    random streams for both, said once."""
+    with contextlib.redirect_stdout(io.StringIO()):  # WORLD_SIZE unset here: one process
+        one = train_flags(image_dir, tmp_path / "grow", "--sample-every", "0", "--max-steps", "3")
+        one += ["--sampler", "ddim", "--sample-steps", "2"]  # quick final pictures, kept on resume
+        assert "WORLD_SIZE" not in os.environ and ddpm.main(one) == 0
     ports = []
-    for _ in range(5):
+    for _ in range(6):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
@@ -2120,6 +2126,11 @@ def test_ddp_two_gloo_processes_agree_on_every_stop_and_resume_exactly(image_dir
         and r1["disk"][1] == ""
     )
     assert not (tmp_path / "disk" / "ckpt.pt").exists()
+    grow = state_of(tmp_path / "grow")
+    assert r0["grow"][0] == r1["grow"][0] == 0 and r0["grow"][2] == r1["grow"][2] == 3
+    assert grow["step"] == 6 and len(grow["rng"]["torch"]) == 2
+    note = "saved by 1 processes, resumed by 2: new random streams"
+    assert r0["grow"][3].count(note) == 1 and note not in r1["grow"][3]
 
 
 def test_compare_tabulates_loss_curves(tmp_path, capsys):
