@@ -905,10 +905,9 @@ def load_image_folder(root, image_size, max_images=None):
 # --- The network on its device, and torch.compile ---------------------------------------------
 def build_model(cfg):
     """The network a config describes, its size checked first on the meta device."""
-    kwargs = {k: cfg[k] for k in ("base_channels", "num_res_blocks", "dropout", "image_size")}
-    kwargs.update(channel_mult=tuple(cfg["channel_mult"]), in_channels=cfg["channels"])
-    kwargs.update(attn_resolutions=tuple(cfg["attn_resolutions"]))
-    kwargs.update(num_classes=cfg.get("num_classes", 0))  # class-conditional: --class-cond
+    names = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
+    kwargs = {k: cfg[k] for k in (*names, "image_size")}
+    kwargs.update(in_channels=cfg["channels"], num_classes=cfg.get("num_classes", 0))
     flags = "--image-size, --base-channels, --channel-mult or --num-res-blocks"
     try:
         with torch.device("meta"):
@@ -954,10 +953,8 @@ def maybe_compile(module, args, cuda_graphs=False):
     cuda_graphs allows: a replayed graph saves the launches of a step's thousand short kernels."""
     if not args.compile:
         return module
-    mode = args.compile
-    if mode == "auto":
-        mode = "reduce-overhead" if cuda_graphs else "default"
-    return torch.compile(module, mode=mode)
+    auto = "reduce-overhead" if cuda_graphs else "default"
+    return torch.compile(module, mode=auto if args.compile == "auto" else args.compile)
 
 
 # --- Checkpoints, samplers and pictures -------------------------------------------------------
@@ -1221,19 +1218,16 @@ class Run:
         return flags.tolist()
 
     def after_step(self, loss, grad_norm):
-        """Count the step: its loss, and whether it went bad (a non-finite loss, or gradient
-        except under fp16, whose scaler skips that update), without waiting for the GPU."""
+        """Count the step, its loss, and whether it went bad, without waiting for the GPU."""
         self.step += 1
         self.loss_sum += loss
-        fp16 = self.training.scaler.is_enabled()
+        fp16 = self.training.scaler.is_enabled()  # whose scaler skips a non-finite gradient
         finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | fp16)
         self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, self.step)
 
     def decide(self, stop_requested, log_row):
-        """What every process does after this step, agreed: (stop, save). Save at the last step,
-        every --ckpt-every steps, every --ckpt-minutes by rank 0's clock, and after a bad step
-        seen at a log row (checkpoint() then refuses, and says why). Under DDP the processes
-        agree every 10 steps and at log rows; one process agrees with itself every step."""
+        """(stop, save), the same on every process: they agree every 10 steps and at log rows.
+        A bad step seen at a log row saves, that is, refuses to save and says why."""
         args, step = self.args, self.step
         every = args.ckpt_every and step % args.ckpt_every == 0
         scheduled = bool(every) or step == self.total_steps
@@ -1311,21 +1305,18 @@ class Run:
         epoch = self.step // self.steps_per_epoch
         (self.out_dir / "grids").mkdir(exist_ok=True)
         path = self.out_dir / "grids" / f"epoch_{epoch:04d}.png"
-        T = self.diffusion.num_timesteps
-        progress = sampling_progress(f"grid for epoch {epoch}", self.args, T, self.device, 64)
+        T, x_T, model = self.diffusion.num_timesteps, self.grid_x_T, self.guided(self.training.ema)
+        progress = sampling_progress(f"grid for epoch {epoch}", self.args, T, self.device, len(x_T))
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        diffusion, ema = self.diffusion, self.training.ema
-        model = self.guided(ema)
-        x_0 = run_sampler(diffusion, model, self.grid_x_T, self.args, self.amp, generator, progress)
+        x_0 = run_sampler(self.diffusion, model, x_T, self.args, self.amp, generator, progress)
         save_grid(x_0, path, nrow=8)
         self.log_picture(path)
         self.speed_step, self.speed_from = self.step, time.time()
 
     def guided(self, model):
         """The EMA network as the grids sample it: one class per row, if class-conditional."""
-        if self.grid_y is None:
-            return model
-        return Guided(model, self.grid_y, self.args.guidance, self.args.num_classes)
+        K, y = self.args.num_classes, self.grid_y
+        return model if y is None else Guided(model, y, self.args.guidance, K)
 
     def log_picture(self, path):
         if self.wandb:
@@ -1522,16 +1513,17 @@ def benchmark(args):
     print(f"bench: {what}, compile {args.compile}, {where}, torch {torch.__version__}")
     print(f"{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}")
 
-    def train_fn(k):  # one whole training iteration: batch, loss, backward, clipping, Adam, EMA
-        train_iteration(run, diffusion, data, k)
+    train_fn = lambda k: train_iteration(run, diffusion, data, k)  # noqa: E731 (all of Alg. 1)
 
     def sample_fn(k):  # one network evaluation of a sampler step, as in p_sample
         with torch.inference_mode(), torch.autocast(device.type, amp, enabled=amp is not None):
             sampler_model(x_t, t)
 
     def timed(name, fn, n, batch):
-        progress = Progress(f"bench: {name}", n, batch)
-        sync = torch.cuda.synchronize if cuda else int
+        progress, sync = (
+            Progress(f"bench: {name}", n, batch),
+            torch.cuda.synchronize if cuda else int,
+        )
         sync()
         t0 = time.perf_counter()
         for k in range(n):
