@@ -2150,6 +2150,169 @@ def test_compare_tabulates_loss_curves(tmp_path, capsys):
     expect_error(["compare", str(tmp_path / "missing")], "log.csv", capsys=capsys)
 
 
+# -----------------------------------------------------------------------------
+# Class-conditional training and classifier-free guidance (after the banner)
+# -----------------------------------------------------------------------------
+
+
+def test_an_unconditional_network_is_unchanged_by_the_label_input():
+    """Without num_classes the network has the same keys, and from the same seed the same outputs,
+    as before the label input existed (numbers from that version); with it, one more table."""
+    torch.manual_seed(0)
+    net = ddpm.ResAttUNet(in_channels=3, **TINY).eval()
+    g = torch.Generator().manual_seed(1)
+    for p in net.parameters():
+        p.data += 0.02 * torch.randn(p.shape, generator=g)
+    x, t = torch.randn(2, 3, 8, 8, generator=g), torch.tensor([3, 700])
+    with torch.no_grad():
+        out = net(x, t).double()
+    assert len(net.state_dict()) == 128 and not any("label" in k for k in net.state_dict())
+    assert out.sum().item() == pytest.approx(-12.661014072597027, rel=1e-5)
+    assert out.abs().sum().item() == pytest.approx(60.546604158356786, rel=1e-5)
+    cond = ddpm.ResAttUNet(in_channels=3, num_classes=10, **TINY)
+    extra = set(cond.state_dict()) - set(net.state_dict())
+    assert extra == {"label_emb.weight"} and cond.label_emb.weight.shape == (11, 128)
+
+
+def test_guidance_mixes_the_two_predictions_as_eq_6():
+    """Guided(w) is (1 + w) eps(x, t, y) - w eps(x, t, none) [Ho & Salimans, Eq. 6], in float64;
+    w = 0 is the conditional prediction, and y = "no label" the unconditional one for any w."""
+    torch.manual_seed(0)
+    net = randomized(ddpm.ResAttUNet(in_channels=1, num_classes=3, **TINY)).eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 5, 10, 19])
+    y, none = torch.tensor([0, 1, 2, 1]), torch.full((4,), 3)
+    with torch.no_grad():
+        eps_y, eps_none = net(x, t, y), net(x, t, none)
+        assert (eps_y - eps_none).abs().max() > 1e-3  # the label matters
+        for w in (0.0, 1.0, 3.0):
+            expected = (1 + w) * eps_y.double() - w * eps_none.double()
+            guided = ddpm.Guided(net, y, w, 3)(x, t).double()
+            torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
+            unguided = ddpm.Guided(net, none, w, 3)(x, t)
+            torch.testing.assert_close(unguided, eps_none, rtol=1e-5, atol=1e-5)
+
+
+def test_label_dropout_drops_the_requested_share():
+    """label_dropout keeps y[idx] or puts "no label" (K) in its place, with probability drop
+    (within 5 standard errors over 200,000 labels) [Ho & Salimans, Alg. 1]."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (1000,))
+    labels = ddpm.label_dropout(y, 10, 0.1)
+    idx = torch.randint(0, 1000, (200, 1000))
+    out = torch.stack([labels(i) for i in idx])  # (200, 1000)
+    dropped = out == 10
+    assert torch.equal(out[~dropped], y[idx][~dropped])
+    share = dropped.double().mean().item()
+    assert abs(share - 0.1) < 5 * math.sqrt(0.1 * 0.9 / dropped.numel())
+    assert not ddpm.label_dropout(y, 10, 0.0)(idx[0]).eq(10).any()
+
+
+def test_folder_classes_come_from_its_subfolders(tmp_path, capsys):
+    """--dataset folder: one class per immediate subfolder, in sorted order, image by image as
+    load_dataset orders them; images at the top, or a single subfolder, end in one line."""
+    root = write_image_folder(tmp_path / "two", n=12)  # class0/, class1/ alternately
+    y, K = ddpm.load_labels("folder", root)
+    files = ddpm.image_files(root)
+    assert K == 2 and y.tolist() == [int(f.parent.name[-1]) for f in files]
+    y4, _ = ddpm.load_labels("folder", root, max_images=4)
+    assert y4.tolist() == [y[i].item() for i in ddpm.evenly_spaced(12, 4)]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "top.png")
+    with pytest.raises(ddpm.UserError, match="outside class subfolders"):
+        ddpm.load_labels("folder", root)
+    one = write_image_folder(tmp_path / "one", n=2)
+    (one / "class1" / "001.png").rename(one / "class0" / "001.png")
+    (one / "class1").rmdir()
+    with pytest.raises(ddpm.UserError, match="two or more class subfolders"):
+        ddpm.load_labels("folder", one)
+
+
+@pytest.fixture(scope="module")
+def conditional_run(image_dir, tmp_path_factory):
+    """A tiny class-conditional run (two classes: the class0/ and class1/ folders)."""
+    out = tmp_path_factory.mktemp("cond")
+    with contextlib.redirect_stdout(io.StringIO()):
+        flags = ["--class-cond", "--max-steps", "3", "--sample-every", "0", "--sampler", "ddim"]
+        assert ddpm.main(train_flags(image_dir, out, *flags, "--sample-steps", "4")) == 0
+    return out
+
+
+def test_conditional_run_round_trip_and_pictures(conditional_run, tmp_path, capsys):
+    """A --class-cond checkpoint keeps its label table and class count, resumes, and samples
+    --class all as one row per class (each row from its own label); its final pictures have
+    one row per class too."""
+    ckpt = state_of(conditional_run)
+    assert ckpt["config"]["num_classes"] == 2 and ckpt["config"]["class_cond"] is True
+    assert ckpt["model"]["label_emb.weight"].shape == (3, 128)
+    grid = read_png(conditional_run / "samples.png")
+    assert grid.shape == (3, 2 + 2 * 10, 2 + 8 * 10)  # 2 classes x 8 images of 8 px
+    assert read_png(conditional_run / "reverse_process.png").shape == (3, 2 + 2 * 10, 2 + 10 * 10)
+    argv = ["--resume", "--out-dir", str(conditional_run), "--max-steps", "4", "--device", "cpu"]
+    assert ddpm.main(argv) == 0 and state_of(conditional_run)["step"] == 4
+    calls = []
+    real = ddpm.Guided.__init__
+
+    def spy(self, model, y, w, K):
+        calls.append((y.tolist(), w, K))
+        real(self, model, y, w, K)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ddpm.Guided, "__init__", spy)
+        sample = ["sample", "--ckpt", str(conditional_run / "ckpt.pt"), "--device", "cpu"]
+        sample += ["--sampler", "ddim", "--sample-steps", "3", "--format", "npz"]
+        assert (
+            ddpm.main(
+                [
+                    *sample,
+                    "--num-samples",
+                    "16",
+                    "--class",
+                    "all",
+                    "--guidance",
+                    "2",
+                    "--out-dir",
+                    str(tmp_path / "all"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            ddpm.main(
+                [*sample, "--num-samples", "4", "--class", "1", "--out-dir", str(tmp_path / "one")]
+            )
+            == 0
+        )
+    assert calls[0] == ([0] * 8 + [1] * 8, 2.0, 2) and calls[1] == ([1] * 4, 1.0, 2)
+    assert read_png(tmp_path / "all" / "grid.png").shape == (3, 2 + 2 * 10, 2 + 8 * 10)
+
+
+def test_guidance_flags_end_in_one_line(trained_run, conditional_run, image_dir, tmp_path, capsys):
+    """--class on an unconditional checkpoint, a class the model does not know, and --class-cond
+    on a folder with images outside class subfolders each end in one line."""
+    sample = ["sample", "--device", "cpu", "--out-dir", str(tmp_path / "s")]
+    expect_error(
+        [*sample, "--ckpt", str(trained_run / "ckpt.pt"), "--class", "1"],
+        "--class",
+        "not class-conditional",
+        capsys=capsys,
+    )
+    expect_error(
+        [*sample, "--ckpt", str(conditional_run / "ckpt.pt"), "--class", "2"],
+        "--class 2",
+        "classes 0 to 1",
+        capsys=capsys,
+    )
+    expect_error([*sample, "--ckpt", "x.pt", "--class", "one"], "--class", capsys=capsys)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / "a.png")
+    expect_error(
+        train_flags(flat, tmp_path / "run", "--class-cond"),
+        "--class-cond",
+        "outside class subfolders",
+        capsys=capsys,
+    )
+
+
 README = Path(ddpm.__file__).with_name("README.md")
 
 

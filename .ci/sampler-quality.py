@@ -83,6 +83,22 @@ def frechet(a, b):
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * root)
 
 
+def train_classifier(x, y, x_test, y_test):
+    """The small CNN, trained for 6 epochs; prints its test accuracy."""
+    net, t0 = Classifier(), time.time()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(6):
+        for idx in torch.randperm(len(x)).split(128):
+            opt.zero_grad()
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        predicted = torch.cat([net(b) for b in x_test.split(500)]).argmax(1)
+    accuracy = (predicted == y_test).float().mean().item()
+    print(f"classifier: {accuracy:.1%} test accuracy after {time.time() - t0:.0f} s")
+    return net
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("ckpt")
@@ -96,21 +112,7 @@ def main():
     torch.manual_seed(0)
     x, y = images(args.dataset, args.data_dir, size, True)
     x_test, y_test = images(args.dataset, args.data_dir, size, False)
-    net, t0 = Classifier(), time.time()
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(6):
-        for idx in torch.randperm(len(x)).split(128):
-            opt.zero_grad()
-            F.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    with torch.no_grad():
-        accuracy = (
-            (torch.cat([net(b) for b in x_test.split(500)]).argmax(1) == y_test)
-            .float()
-            .mean()
-            .item()
-        )
-    print(f"classifier: {accuracy:.1%} test accuracy after {time.time() - t0:.0f} s")
+    net = train_classifier(x, y, x_test, y_test)
     reference = features(net, x_test)
     perm, n = torch.randperm(len(x)), args.num_samples
     rows = []
