@@ -42,13 +42,10 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
 
 Section map
     Part I   the diffusion process: linear_beta_schedule, extract, GaussianDiffusion
-    Part II  the networks: the blocks, ResAttUNet (the paper's network), its ablations ResUNet and
-             ConvUNet
-    Part III training and sampling: train_step (Alg. 1), train_iteration, train_loop,
-             p_sample_loop (Alg. 2); the banner
-    Extras   cosine_beta_schedule, ddim_sample_loop, dpm_solver_sample_loop
-    Engineering: progress lines, data, checkpoints, the commands (train, sample, forward, bench,
-             compare), the command line
+    Part II  the networks: the blocks, ResAttUNet (the paper's network), ResUNet, ConvUNet
+    Part III training (Alg. 1: train_step, train_iteration, train_loop), sampling (Alg. 2)
+    Extras   cosine_beta_schedule, ddim_sample_loop, dpm_solver_sample_loop, Guided
+    Engineering: progress lines, data, checkpoints, the commands, the command line
 """
 
 import argparse
@@ -359,15 +356,11 @@ class ResAttUNet(nn.Module):
         if levels < 1 or num_res_blocks < 1 or in_channels < 1 or not 0 <= dropout < 1:
             raise ValueError("need levels, num_res_blocks, in_channels >= 1 and 0 <= dropout < 1")
         if image_size % 2 ** (levels - 1):
-            raise ValueError(
-                f"image_size={image_size} must be divisible by 2**(len(channel_mult)-1) = "
-                f"{2 ** (levels - 1)} so that each of the {levels} levels can halve it"
-            )
+            halvings = f"2**(len(channel_mult)-1) = {2 ** (levels - 1)}"  # each level halves it
+            raise ValueError(f"image_size={image_size} must be divisible by {halvings}")
         if base_channels < 32 or any(w % 32 for w in widths):
-            raise ValueError(
-                f"channel widths {widths} (base_channels x channel_mult) must be multiples of 32 "
-                "so that GroupNorm(32) can split them"
-            )
+            why = "so that GroupNorm(32) can split them"
+            raise ValueError(f"channel widths {widths} must be multiples of 32 {why}")
         self.base_channels, temb_ch = base_channels, 4 * base_channels
         # timestep embedding: sinusoid (base) -> Linear (4 base) -> SiLU -> Linear (4 base)
         self.temb = nn.Sequential(
@@ -734,9 +727,8 @@ def dpm_solver_sample_loop(
 # --- Classifier-free guidance  [Ho & Salimans 2022, arXiv:2207.12598] -------------------------
 # NOTE(paper): not in the paper; --class-cond trains on the labels, --guidance W samples with them
 def label_dropout(y, num_classes, drop):
-    """The labels a class-conditional training step sees [Ho & Salimans, Alg. 1]: idx -> y[idx],
-    each replaced by the "no label" class num_classes with probability drop, so that one network
-    learns both eps(x_t, t, y) and eps(x_t, t)."""
+    """idx -> y[idx], each replaced by "no label" (num_classes) with probability drop, so that one
+    network learns eps(x_t, t, y) and eps(x_t, t) [Ho & Salimans, Alg. 1]."""
 
     def labels(idx):
         y_batch = y[idx.to(y.device)]  # (B,)
@@ -748,9 +740,8 @@ def label_dropout(y, num_classes, drop):
 
 class Guided:
     """A class-conditional network as the samplers call it, model(x_t, t), with classifier-free
-    guidance of weight w toward the classes y [Ho & Salimans, Eq. 6]:
-        eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label),
-    both predictions from one batched evaluation. w = 0 is the conditional model alone."""
+    guidance of weight w toward the classes y, from one batched evaluation [Ho & Salimans, Eq. 6]:
+        eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label)."""
 
     def __init__(self, model, y, w, num_classes):
         self.model, self.w, self.training = model, w, model.training
@@ -949,11 +940,10 @@ def prepare_network(net, device):
 
 
 def maybe_compile(module, args, cuda_graphs=False):
-    """torch.compile in --compile's mode (off: the module itself). auto adds CUDA graphs where
-    cuda_graphs allows: a replayed graph saves the launches of a step's thousand short kernels."""
+    """torch.compile in --compile's mode (None: off); auto adds CUDA graphs where they may run."""
     if not args.compile:
         return module
-    auto = "reduce-overhead" if cuda_graphs else "default"
+    auto = "reduce-overhead" if cuda_graphs else "default"  # graphs replay a step's many kernels
     return torch.compile(module, mode=auto if args.compile == "auto" else args.compile)
 
 
@@ -1007,12 +997,9 @@ def save_grid(x, path, nrow):
 
 def sampler_plan(args, num_timesteps, device):
     """(sampler, network evaluations); auto: Algorithm 2 on a GPU, DPM-Solver++ elsewhere."""
-    name = args.sampler
-    if name == "auto":
-        name = "ddpm" if device.type == "cuda" else "dpm++"
-    if name == "ddpm":
-        return name, num_timesteps
-    return name, args.sample_steps or {"ddim": 100, "dpm++": 20}[name]
+    name = args.sampler if args.sampler != "auto" else "ddpm" if device.type == "cuda" else "dpm++"
+    fast = args.sample_steps or {"ddim": 100, "dpm++": 20}.get(name)  # their default steps
+    return name, num_timesteps if name == "ddpm" else fast
 
 
 def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
@@ -1049,8 +1036,7 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, row
     keep = [i * K // 9 for i in range(9)]
     x_0, xs = run_sampler(diffusion, model, x_T, args, dtype, generator, progress, keep)
     save_grid(x_0, out_dir / "samples.png", nrow=8)
-    rows = list(rows)
-    rows = torch.cat([xs[:, rows], x_0[None, rows]]).transpose(0, 1)  # (8, 10, C, H, W)
+    rows = torch.cat([xs[:, list(rows)], x_0[None, list(rows)]]).transpose(0, 1)  # (8, 10, C, H, W)
     save_grid(rows.flatten(0, 1), out_dir / "reverse_process.png", nrow=rows.shape[1])
     return out_dir / "samples.png"
 
@@ -1070,11 +1056,9 @@ def build_training(args, channels, device, amp=None, world=1, flip=True):
     return run, diffusion
 
 
-# the flags a --resume may change; the others come from the checkpoint
-RESUME_MAY_CHANGE = {
-    *("epochs", "max_steps", "data_dir", "device", "amp", "compile", "wandb"),
-    *("ckpt_every", "ckpt_minutes", "sample_every", "log_every"),
-    *("sampler", "sample_steps", "eta", "variance", "guidance"),
+RESUME_MAY_CHANGE = {  # the flags a --resume may change; the others come from the checkpoint
+    *"epochs max_steps data_dir device amp compile wandb ckpt_every ckpt_minutes".split(),
+    *"sample_every log_every sampler sample_steps eta variance guidance".split(),
 }
 
 
@@ -1104,24 +1088,19 @@ def open_run(args, out_dir, world, rank):
         raise UserError(f"--batch-size {args.batch_size} must divide among the {world} processes")
     if args.sample_steps and not 2 <= args.sample_steps <= args.timesteps:
         raise UserError(f"--sample-steps must be between 2 and --timesteps {args.timesteps}")
-    wandb = import_wandb() if args.wandb and rank == 0 else None
+    if rank == 0 and args.wandb:
+        try:
+            import wandb  # optional extra, imported only when asked for
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install wandb")
     if rank == 0:
         prepare_out_dir(out_dir)
-    return ckpt, wandb
-
-
-def import_wandb():
-    try:
-        import wandb  # optional extra, imported only when asked for
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install wandb")
-    return wandb
+    return ckpt, wandb if rank == 0 and args.wandb else None
 
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C and SIGTERM only note themselves in the list this yields (the loop stops between two
-    steps, and saves); an ignored SIGINT stays ignored; the old handlers come back at the end."""
+    """Ctrl-C and SIGTERM only note themselves in the list it yields; an ignored SIGINT stays so."""
     requested, previous = [], {}
     if threading.current_thread() is threading.main_thread():  # where signals are delivered
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1154,18 +1133,17 @@ class Run:
         self.grid_y = torch.arange(8 * K, device=device) // 8 if K else None
         self.config = {k: v for k, v in vars(args).items() if k not in ("explicit", "command")}
         self.config.update(channels=C, out_dir=str(out_dir))
-        self.step = self.saved_step = 0
+        self.step = self.saved_step = self.speed_step = self.logged_step = 0
         self.elapsed_before, self.started = 0.0, time.time()
         self.saved_at = self.logged_at = self.speed_from = self.started
-        self.speed_step = self.logged_step = 0
         self.loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
         self.bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss
         # a fixed x_T for every grid, so that grids are comparable
         generator = torch.Generator().manual_seed(args.seed)
         self.grid_x_T = torch.randn((8 * K or 64, C, H, W), generator=generator).to(device)
         # the processes agree over Gloo, on the CPU, so that an agreement never waits for a GPU
-        cuda = device.type == "cuda"
-        self.control = dist.new_group(backend="gloo") if world > 1 and cuda else None
+        gloo = world > 1 and device.type == "cuda"
+        self.control = dist.new_group(backend="gloo") if gloo else None
 
     def restore(self, ckpt):
         """Continue from a checkpoint (or, new, seed each process's random streams)."""
@@ -1248,10 +1226,9 @@ class Run:
         """Save on rank 0, once all ranks checked that no loss or gradient went non-finite."""
         bad = self.agree(int(self.bad_step))[0]  # reads the GPU, as only log rows do besides
         if bad >= 0:
+            what = f"the loss or its gradient became NaN or infinite at step {bad}; stopped"
             kept = f"{self.ckpt_path} still holds step {self.saved_step}"
-            what = f"the loss or its gradient became NaN or infinite at step {bad}"
-            fix = "try --amp none or a lower --lr"
-            raise UserError(f"{what}; stopped without saving, so {kept} ({fix})")
+            raise UserError(f"{what} without saving, so {kept} (try --amp none or a lower --lr)")
         cuda = self.device.type == "cuda"
         states = [torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None]
         ranks = [states] * self.world
@@ -1310,17 +1287,14 @@ class Run:
         generator = torch.Generator(self.device).manual_seed(self.args.seed)
         x_0 = run_sampler(self.diffusion, model, x_T, self.args, self.amp, generator, progress)
         save_grid(x_0, path, nrow=8)
-        self.log_picture(path)
+        if self.wandb:
+            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
         self.speed_step, self.speed_from = self.step, time.time()
 
     def guided(self, model):
         """The EMA network as the grids sample it: one class per row, if class-conditional."""
         K, y = self.args.num_classes, self.grid_y
         return model if y is None else Guided(model, y, self.args.guidance, K)
-
-    def log_picture(self, path):
-        if self.wandb:
-            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
 
     def finish(self):
         """The final pictures, from the EMA weights and the fixed x_T, and the last line."""
@@ -1331,8 +1305,8 @@ class Run:
         minutes = (self.elapsed_before + time.time() - self.started) / 60
         files = f"{self.ckpt_path}, {path}, {self.out_dir / 'reverse_process.png'}"
         print(f"done: {self.step} steps in {minutes:.1f} min; {files}")
-        self.log_picture(path)
         if self.wandb:
+            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
             self.wandb.finish()
 
 
@@ -1430,10 +1404,8 @@ def generate(model, diffusion, cfg, args, device, amp, n):
     labels = class_labels(args, cfg, batches * batch)  # (batches * batch,), or None
     for start in range(0, batches * batch, batch):  # whole batches only (one compiled shape)
         x_T = torch.randn((batch, C, S, S), generator=x_T_generator).to(device)
-        eps_model = model  # the network as the sampler calls it, guided toward labels if any
-        if labels is not None:
-            y = labels[start : start + batch].to(device)  # (batch,)
-            eps_model = Guided(model, y, args.guidance, cfg["num_classes"])
+        y = None if labels is None else labels[start : start + batch].to(device)  # (batch,)
+        eps_model = model if y is None else Guided(model, y, args.guidance, cfg["num_classes"])
         x_0 = run_sampler(diffusion, eps_model, x_T, args, amp, z_generator, progress)
         images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
     return torch.cat(images)[:n]  # (n, C, H, W), [-1, 1] -> {0..255}
@@ -1520,10 +1492,8 @@ def benchmark(args):
             sampler_model(x_t, t)
 
     def timed(name, fn, n, batch):
-        progress, sync = (
-            Progress(f"bench: {name}", n, batch),
-            torch.cuda.synchronize if cuda else int,
-        )
+        progress = Progress(f"bench: {name}", n, batch)
+        sync = torch.cuda.synchronize if cuda else int
         sync()
         t0 = time.perf_counter()
         for k in range(n):
@@ -1603,14 +1573,9 @@ def whole(lo, hi=math.inf):
 
 def int_list(hi):
     """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], up to 16 integers, each from 1 to hi."""
-
-    def integers(text):  # a value that is not an integer: argparse says "invalid integers value"
-        values = [int(v) for v in text.split(",") if v.strip()]
-        if not all(1 <= v <= hi for v in values) or len(values) > 16:
-            raise argparse.ArgumentTypeError(f"{text!r}: must be up to 16 integers from 1 to {hi}")
-        return values
-
-    return integers
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
+    ok = lambda values: len(values) <= 16 and all(1 <= v <= hi for v in values)  # noqa: E731
+    return checked(ints, ok, f"up to 16 comma-separated integers from 1 to {hi}")
 
 
 finite = math.isfinite
@@ -1692,12 +1657,9 @@ SAMPLE_FLAGS = [
     ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
     ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
 ]
-FORWARD_FLAGS = [
-    ("--image-size", whole(1, 4096), 32, "image side in pixels"),
-    ("--timesteps", whole(2, 100_000), 1000, "diffusion steps T"),
-    ("--schedule", list(SCHEDULES), "linear", "beta schedule"),
+SHARED = ("--image-size", "--timesteps", "--schedule", "--seed")  # forward takes these too
+FORWARD_FLAGS = [row for row in NETWORK_FLAGS + RUNTIME_FLAGS if row[0] in SHARED] + [
     ("--num-images", whole(1), 8, "rows, one image each"),
-    ("--seed", SEED, 0, "random seed of the noise"),
     ("--out-dir", str, "runs", "writes forward_process.png there"),
 ]
 BENCH_FLAGS = [
