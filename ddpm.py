@@ -37,8 +37,8 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
        that every step has one shape).
     4. Mixed precision (bf16 autocast) on CUDA by default; --amp none for float32.
     5. Extras the paper does not have, after the banner: the cosine schedule (Nichol & Dhariwal
-       2021), DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022), which the command
-       line samples with on a CPU, where 1000 network evaluations per image are too slow.
+       2021), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022; the CPU's sampler), and
+       classifier-free guidance (Ho & Salimans 2022; the network's optional label input).
 
 Section map
     Part I   the diffusion process: linear_beta_schedule, extract, GaussianDiffusion
@@ -1623,7 +1623,7 @@ SAMPLER_FLAGS = [
     ("--sample-steps", whole(2), None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
     ("--eta", FINITE_NONNEGATIVE, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
     ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
-    ("--guidance", FINITE_NONNEGATIVE, 1.0, "classifier-free guidance w, class-conditional models"),
+    ("--guidance", FINITE_NONNEGATIVE, 0.5, "classifier-free guidance w, class-conditional models"),
 ]
 DATA_FLAGS = [
     ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),

@@ -2281,7 +2281,7 @@ def test_conditional_run_round_trip_and_pictures(conditional_run, tmp_path, caps
             )
             == 0
         )
-    assert calls[0] == ([0] * 8 + [1] * 8, 2.0, 2) and calls[1] == ([1] * 4, 1.0, 2)
+    assert calls[0] == ([0] * 8 + [1] * 8, 2.0, 2) and calls[1] == ([1] * 4, 0.5, 2)
     assert read_png(tmp_path / "all" / "grid.png").shape == (3, 2 + 2 * 10, 2 + 8 * 10)
 
 
