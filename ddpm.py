@@ -176,8 +176,8 @@ class GaussianDiffusion(nn.Module):
         )
 
     def q_posterior(self, x_0, x_t, t):
-        """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) [Eq.
-        6-7]. Returns (mean, variance), the variance shaped (B, 1, 1, 1)."""
+        """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I)
+        [Eq. 6-7]. Returns (mean, variance), the variance shaped (B, 1, 1, 1)."""
         # mu_tilde_t = coef1 * x_0 + coef2 * x_t  [Eq. 7]
         mean = (
             extract(self.posterior_mean_coef1, t, x_t.shape) * x_0
@@ -220,10 +220,10 @@ class GaussianDiffusion(nn.Module):
 # --- Building blocks  [App. B: "a U-Net backbone similar to an unmasked PixelCNN++"] -------------
 def timestep_embedding(t, dim):
     """The sinusoidal embedding of the step [Sec. 4: "the Transformer sinusoidal position
-    embedding"], (B,) -> (B, dim), as the official code computes it, which differs from Vaswani et
-    al. (it says so too): frequencies 10000^(-i / (half - 1)), i = 0..half-1, not 10000^(-2i / dim),
-    and the sines fill the first half of the channels and the cosines the second, rather than
-    alternating."""
+    embedding"], (B,) -> (B, dim), as the official code computes it, which differs from
+    Vaswani et al. (it says so too): frequencies 10000^(-i / (half - 1)), i = 0..half-1, not
+    10000^(-2i / dim), and the sines fill the first half of the channels and the cosines the
+    second, rather than alternating."""
     half = dim // 2
     # frequencies 10000^(-i / (half - 1)) for i = 0..half-1: (half,)
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / (half - 1))
@@ -473,9 +473,8 @@ def epoch_permutation(n, seed):
 
 
 def get_batch(data, idx, flip):
-    """Alg. 1, line 2: x_0 ~ q(x_0). The uint8 images data[idx] as floats in [-1, 1] [Sec. 4], each
-    mirrored with probability 1/2 when flip is set (the paper's random flips for CIFAR-10) [App.
-    B]."""
+    """Alg. 1, line 2: x_0 ~ q(x_0). The uint8 images data[idx] as floats in [-1, 1] [Sec. 4],
+    each mirrored with probability 1/2 when flip is set (the paper's CIFAR-10 flips) [App. B]."""
     x_0 = data[idx.to(data.device)].float() / 127.5 - 1.0  # (B, C, H, W), {0..255} -> [-1, 1]
     if flip:
         mirror = torch.rand(x_0.shape[0], 1, 1, 1, device=x_0.device) < 0.5  # (B, 1, 1, 1)
