@@ -747,6 +747,8 @@ class Guided:
         self.y = torch.cat([y, torch.full_like(y, num_classes)])  # (2B,): y, then "no label"
 
     def __call__(self, x_t, t):
+        if self.w == 0:  # the conditional model alone: half the work
+            return self.model(x_t, t, self.y[: len(x_t)])
         eps = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), self.y)  # (2B, C, H, W)
         eps_y, eps_none = eps.chunk(2)  # 2 x (B, C, H, W)
         return (1 + self.w) * eps_y - self.w * eps_none
@@ -1127,8 +1129,7 @@ class Run:
         flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
         self.training, self.diffusion = build_training(args, C, device, amp, world, flip)
         K = args.num_classes  # class-conditional: one row of 8 per class in every grid
-        if K:
-            self.training.labels = label_dropout(labels.to(device), K, args.cond_drop)
+        self.training.labels = label_dropout(labels.to(device), K, args.cond_drop) if K else None
         self.grid_y = torch.arange(8 * K, device=device) // 8 if K else None
         self.config = {k: v for k, v in vars(args).items() if k not in ("explicit", "command")}
         self.config.update(channels=C, out_dir=str(out_dir))
