@@ -54,6 +54,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -64,6 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -843,13 +845,13 @@ def torchvision_dataset(name, data_dir):
         raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
 
 
-def image_files(root, max_images=None):
+def image_files(root, max_images=None, flag="--data-dir"):
     """The .png/.jpg files under root, in a fixed order; max_images: that many, spread over them."""
     if not root.is_dir():
-        raise UserError(f"--data-dir {root} is not a folder (--dataset folder reads images there)")
+        raise UserError(f"{flag} {root} is not a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
-        raise UserError(f"--data-dir {root} holds no .png/.jpg/.jpeg images")
+        raise UserError(f"{flag} {root} holds no .png/.jpg/.jpeg images")
     return [files[i] for i in evenly_spaced(len(files), max_images)]
 
 
@@ -872,11 +874,10 @@ def load_labels(name, data_dir, max_images=None):
 def load_image_folder(root, image_size, max_images=None):
     """Every .png/.jpg under root, resized and centre-cropped: (N, C, H, W), grey or RGB."""
     files = image_files(root, max_images)
-    from PIL import Image  # Pillow: installed with torchvision
 
     def read(path, mode=None):
         try:
-            with Image.open(path) as im:
+            with PIL.Image.open(path) as im:
                 mode = mode or ("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3) uint8
         except OSError as e:
@@ -964,13 +965,14 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)  # atomic on POSIX and Windows
 
 
-def load_checkpoint(path):
-    """Load a checkpoint with weights_only=True: tensors and plain values only, never code."""
+def load_checkpoint(path, mmap=False):
+    """Load a checkpoint with weights_only=True: tensors and plain values only, never code. mmap:
+    its tensors are read only when used."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (check --ckpt / --out-dir)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"cannot load {path}: truncated, or not from ddpm.py ({first_line(e)})")
     if isinstance(ckpt, dict) and ckpt.get("format") == "ddpm.py checkpoint 1":
@@ -1010,6 +1012,12 @@ def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
     return Progress(f"{what} ({name}, {K} steps)", batches * K, batch / K, where)
 
 
+def sampler_name(args, num_timesteps, device):
+    """The sampler in words, as fid.csv and fid.json record it: e.g. "ddim 100 steps eta 1"."""
+    name, steps = sampler_plan(args, num_timesteps, device)
+    return f"{name} {steps} steps" + {"ddim": f" eta {args.eta:g}"}.get(name, "")
+
+
 def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, keep=()):
     """Sample from x_T with --sampler, the network under autocast(dtype); progress ticks once per
     network evaluation; keep (evaluation numbers): also return the x_t they saw, (K, B, C, H, W)."""
@@ -1042,6 +1050,76 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, row
     return out_dir / "samples.png"
 
 
+# --- FID  [Heusel et al. 2017]: Inception features of samples against the training set's --------
+FID_NETWORK = "pytorch-fid's InceptionV3 (the TF FID weights), pool3, 2048 features"
+FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # where pytorch-fid looks for its weights
+FID_SAMPLER = dict(sampler="ddim", eta=1.0)  # --fid-every's --sampler auto, at 100 steps
+
+
+def inception(device):
+    """The network papers report FID with, from pytorch-fid (an optional extra): images (B, 3, H, W)
+    in [0, 1] -> pool3 features (B, 2048). It resizes to 299x299 and rescales them itself."""
+    try:
+        from pytorch_fid.inception import InceptionV3
+    except ImportError:
+        raise UserError("FID needs the pytorch-fid package: pip install pytorch-fid")
+    try:
+        net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
+    except OSError as e:  # it downloads its weights on first use
+        where = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+        fix = f"put {FID_WEIGHTS} (pytorch-fid's GitHub releases) at {where}"
+        raise UserError(f"pytorch-fid could not get its Inception weights ({first_line(e)}); {fix}")
+    return lambda x: net(x)[0].flatten(1)
+
+
+@torch.no_grad()
+def feature_statistics(features, images, device, what):
+    """(mu, sigma): the mean and covariance, in float64, of the features of uint8 images (N, C, H,
+    W), which reach the network as a PNG file reaches pytorch-fid: RGB floats in [0, 1]."""
+    progress, batches = Progress(f"features of {what}", math.ceil(len(images) / 250), 250), []
+    for batch in images.split(250):
+        x = batch.to(device).float().div(255).expand(-1, 3, -1, -1)  # grey: 3 equal channels
+        batches.append(features(x).double().cpu())
+        progress.tick()
+    f = torch.cat(batches)  # (N, D)
+    return f.mean(0), f.T.cov()  # cov: unbiased, as numpy's
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): FID, from two Gaussians.
+    The trace of the square root is the sum of the square roots of sigma1 sigma2's eigenvalues."""
+    root = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root)
+
+
+def reference_statistics(args, size, features, device):
+    """(mu, sigma, where from): --ref-stats, or those of the training set at size x size, computed
+    once and cached beside it in --data-dir (the paper's reference: all 50,000 CIFAR-10 images)."""
+    path = Path(args.ref_stats or Path(args.data_dir) / f"fid_stats_{args.dataset}_{size}px.npz")
+    if args.ref_stats or path.is_file():
+        try:
+            with np.load(path) as f:
+                mu, sigma, saved = f["mu"], f["sigma"], int(f.get("image_size", size))
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"--ref-stats {path}: not an npz of mu and sigma ({first_line(e)})")
+        if saved != size:
+            raise UserError(f"{path} holds statistics of {saved}x{saved} images; these are {size}")
+        if len(mu) != (dims := features(torch.zeros(1, 3, size, size, device=device)).shape[1]):
+            raise UserError(
+                f"{path} holds statistics of {len(mu)} features; the network has {dims}"
+            )
+        return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), str(path)
+    images = load_dataset(args.dataset, args.data_dir, size)
+    mu, sigma = feature_statistics(features, images, device, f"the {args.dataset} training set")
+    try:  # written whole or not at all
+        with open(path.with_name(path.name + ".tmp"), "wb") as f:
+            np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
+        os.replace(f.name, path)
+    except OSError as e:
+        print(f"note: could not cache the reference statistics in {path} ({first_line(e)})")
+    return mu, sigma, f"{len(images):,} {args.dataset} training images, cached in {path}"
+
+
 # --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
 def build_training(args, channels, device, amp=None, world=1, flip=True):
     """(run, diffusion): Part III's Training of the flags' network, DDP and compile."""
@@ -1060,6 +1138,7 @@ def build_training(args, channels, device, amp=None, world=1, flip=True):
 RESUME_MAY_CHANGE = {  # the flags a --resume may change; the others come from the checkpoint
     *"epochs max_steps data_dir device amp compile wandb ckpt_every ckpt_minutes".split(),
     *"sample_every log_every sampler sample_steps eta variance guidance".split(),
+    *"fid_every fid_samples ref_stats".split(),
 }
 
 
@@ -1114,6 +1193,17 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
+def reopen_csv(path, columns, step, resumed):
+    """A CSV file opened to write: its columns and, when resumed, its old rows up to step."""
+    rows = [columns]
+    if resumed and path.exists():
+        with open(path, newline="") as f:
+            rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
+    file = open(path, "w", newline="")
+    csv.writer(file).writerows(rows)
+    return file
+
+
 class Run:
     """A training run between two steps: its state, its files, clocks and processes."""
 
@@ -1133,6 +1223,14 @@ class Run:
         self.grid_y = torch.arange(8 * K, device=device) // 8 if K else None
         self.config = {k: v for k, v in vars(args).items() if k not in ("explicit", "command")}
         self.config.update(channels=C, out_dir=str(out_dir))
+        self.fid = None  # --fid-every: the network and the reference now, so errors come first
+        if args.fid_every and rank == 0:
+            features = inception(device)
+            self.fid = (features, *reference_statistics(args, H, features, device)[:2])
+            auto = dict(FID_SAMPLER, sample_steps=min(100, args.timesteps))
+            auto = auto if args.sampler == "auto" else {}
+            more = dict(auto, batch_size=500, label=None)  # batches as sample's; all classes
+            self.fid_args = argparse.Namespace(**{**vars(args), **more})
         self.step = self.saved_step = self.speed_step = self.logged_step = 0
         self.elapsed_before, self.started = 0.0, time.time()
         self.saved_at = self.logged_at = self.speed_from = self.started
@@ -1168,12 +1266,10 @@ class Run:
     def open_log(self, resumed):
         """log.csv, with the rows up to the checkpoint's step; and the first lines."""
         args, step, total = self.args, self.step, self.total_steps
-        rows = [["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]]
-        if resumed and (self.out_dir / "log.csv").exists():
-            with open(self.out_dir / "log.csv", newline="") as f:
-                rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
-        self.log_file = open(self.out_dir / "log.csv", "w", newline="")
-        csv.writer(self.log_file).writerows(rows)
+        columns = ["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]
+        self.log_file = reopen_csv(self.out_dir / "log.csv", columns, step, resumed)
+        columns = ["step", "images_seen", "fid", "samples", "sampler", "seconds"]
+        self.fid_file = self.fid and reopen_csv(self.out_dir / "fid.csv", columns, step, resumed)
         if self.wandb:
             where = dict(dir=str(self.out_dir), resume="allow")  # a resumed run continues its page
             self.wandb.init(project="ddpm.py", config=self.config, **where)
@@ -1217,10 +1313,10 @@ class Run:
         stop, due, bad = self.agree(bool(stop_requested), due, bad)
         return stop, bool(due or bad or scheduled)
 
-    def grid_due(self):
-        """At the end of every --sample-every-th epoch."""
+    def due(self, every):
+        """At the end of every every-th epoch (never if every is 0): --sample-every, --fid-every."""
         epoch, into_epoch = divmod(self.step, self.steps_per_epoch)
-        return not into_epoch and self.args.sample_every and epoch % self.args.sample_every == 0
+        return every and not into_epoch and epoch % every == 0
 
     def checkpoint(self):
         """Save on rank 0, once all ranks checked that no loss or gradient went non-finite."""
@@ -1291,6 +1387,23 @@ class Run:
             self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
         self.speed_step, self.speed_from = self.step, time.time()
 
+    def measure_fid(self):
+        """FID of --fid-samples images from the EMA weights: a fid.csv row, a line, a W&B point;
+        its time is kept out of images/s."""
+        args, t0, (features, mu, sigma) = self.fid_args, time.time(), self.fid
+        n, device, seen = args.fid_samples, self.device, self.step * self.args.batch_size
+        images = generate(self.training.ema, self.diffusion, self.config, args, device, self.amp, n)
+        fid = frechet_distance(*feature_statistics(features, images, device, "samples"), mu, sigma)
+        sampler = sampler_name(args, self.diffusion.num_timesteps, device)
+        row = [self.step, seen, f"{fid:.4f}", n, sampler, f"{time.time() - t0:.1f}"]
+        csv.writer(self.fid_file).writerow(row)
+        self.fid_file.flush()
+        what = f"{n:,} samples, {sampler}, {row[-1]} s"
+        print(f"FID {fid:.2f} at step {self.step} ({seen:,} images seen; {what})", flush=True)
+        if self.wandb:
+            self.wandb.log({"fid": fid}, step=self.step)
+        self.speed_step, self.speed_from = self.step, time.time()
+
     def guided(self, model):
         """The EMA network as the grids sample it: one class per row, if class-conditional."""
         K, y = self.args.num_classes, self.grid_y
@@ -1342,8 +1455,10 @@ def train(args):
                     run.checkpoint()
                 if rank == 0 and (log_row or time.time() - run.logged_at >= 10):
                     run.write_log(grad_norm)
-                if rank == 0 and run.grid_due():
+                if rank == 0 and run.due(args.sample_every):
                     run.save_grid()
+                if rank == 0 and run.fid and run.due(args.fid_every):  # the others wait
+                    run.measure_fid()
         except KeyboardInterrupt:
             run.checkpoint()
             if rank == 0:
@@ -1353,6 +1468,8 @@ def train(args):
         finally:
             if rank == 0:
                 run.log_file.close()
+                if run.fid_file:
+                    run.fid_file.close()
             if world > 1:
                 dist.destroy_process_group()
     if rank == 0:
@@ -1374,7 +1491,7 @@ def load_sampler(args, device):
         raise UserError(f"{args.ckpt} holds no {args.weights} weights that fit ({first_line(e)})")
     model = prepare_network(model, device).eval()
     diffusion = GaussianDiffusion(SCHEDULES[cfg["schedule"]](cfg["timesteps"])).to(device)
-    return model, diffusion, cfg
+    return model, diffusion, dict(cfg, step=ckpt["step"])
 
 
 def class_labels(args, cfg, n):
@@ -1438,6 +1555,56 @@ def write_samples(args):
         array = images.permute(0, 2, 3, 1).numpy()
         np.savez(out_dir / "samples.npz", array)
         print(f"wrote {out_dir / 'samples.npz'} {array.shape} and {out_dir / 'grid.png'}")
+
+
+def read_images(path):
+    """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder."""
+    if path.suffix != ".npz":
+        with PIL.Image.open(image_files(path, flag="--images")[0]) as im:  # its size: all sizes
+            return load_image_folder(path, min(im.size))
+    try:
+        with np.load(path) as f:
+            x = torch.from_numpy(f["arr_0"])
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"--images {path}: not an npz written by sample ({first_line(e)})")
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise UserError(f"--images {path}: arr_0 {tuple(x.shape)} is not uint8 (N, H, W, C)")
+    return x.permute(0, 3, 1, 2)  # (N, C, H, W)
+
+
+def measure_fid(args):
+    """fid: the FID of --num-samples images from a checkpoint (or of --images) against the training
+    set's statistics; prints it with its protocol, and adds both to fid.json beside them."""
+    if bool(args.ckpt) == bool(args.images):
+        raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR|FILE.npz")
+    device, amp = setup_device(args)
+    model, diffusion, cfg = load_sampler(args, device) if args.ckpt else (None, None, {})
+    images = None if args.ckpt else read_images(Path(args.images))  # (N, C, H, W) uint8
+    args.dataset = args.dataset or cfg.get("dataset", "cifar10")  # the run's training set
+    args.data_dir = args.data_dir or cfg.get("data_dir", "data")
+    size = cfg.get("image_size") or images.shape[-1]
+    features = inception(device)  # before the long work: a missing package or file stops here
+    mu, sigma, reference = reference_statistics(args, size, features, device)
+    t0, record = time.time(), dict(images=args.images, sampler=None, step=None)
+    if args.ckpt:
+        images = generate(model, diffusion, cfg, args, device, amp, args.num_samples)
+        sampler = f"{sampler_name(args, cfg['timesteps'], device)}, seed {args.seed}"
+        sampler += f", guidance {args.guidance:g}" if cfg.get("num_classes") else ""
+        record = dict(images=f"the {args.weights} weights of {args.ckpt}", sampler=sampler)
+        record.update(step=cfg["step"], images_seen=cfg["step"] * cfg["batch_size"])
+    stats = feature_statistics(features, images, device, f"{len(images):,} images")
+    fid = round(frechet_distance(*stats, mu, sigma), 4)
+    record = dict(fid=fid, samples=len(images), **record, reference=reference)
+    record.update(network=f"{FID_NETWORK}, resized by it to 299x299")
+    record.update(seconds=round(time.time() - t0, 1))  # sampling and features
+    print(f"FID {fid:.2f}", *[f"  {k:<11} {v}" for k, v in list(record.items())[1:]], sep="\n")
+    if len(images) < 50_000:
+        print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
+    path = Path(args.ckpt or args.images).parent / "fid.json"  # beside the checkpoint or images
+    records = json.loads(path.read_text()) if path.is_file() else []
+    path.with_name("fid.json.tmp").write_text(json.dumps(records + [record], indent=1))
+    os.replace(path.with_name("fid.json.tmp"), path)  # whole, or the old file untouched
+    print(f"added to {path}")
 
 
 def draw_forward_process(args):
@@ -1522,24 +1689,63 @@ def benchmark(args):
         print(f"profiled {args.profile} training steps: {ms:.2f} ms per step (profiler on)")
 
 
+def read_run(folder):
+    """A run's curves: log.csv's loss by step, fid.csv's FIDs by images seen, fid.json's records."""
+    rows = {}
+    try:
+        for name in ("log.csv", "fid.csv"):
+            with contextlib.suppress(FileNotFoundError), open(folder / name, newline="") as f:
+                rows[name] = list(csv.DictReader(f))
+        loss = {int(r["step"]): float(r["loss"]) for r in rows.get("log.csv", [])}  # last wins
+        fids = [(int(r["images_seen"]), float(r["fid"])) for r in rows.get("fid.csv", [])]
+        scored = (
+            json.loads((folder / "fid.json").read_text()) if (folder / "fid.json").exists() else []
+        )
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"{folder}: a log.csv, fid.csv or fid.json not written by ddpm.py ({e})")
+    if not loss:
+        raise UserError(f"{folder / 'log.csv'} has no rows, or does not exist")
+    return np.array(list(loss)), np.array(list(loss.values())), fids, scored
+
+
 def compare_runs(args):
-    """compare: each run's mean loss (its log.csv) over 8 stretches of the steps all reached."""
-    runs = {}
-    for folder in map(Path, args.runs):
-        try:
-            with open(folder / "log.csv", newline="") as f:  # a step logged twice: its last row
-                rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"{folder / 'log.csv'}: not a log written by train ({e})")
-        if not rows:
-            raise UserError(f"{folder / 'log.csv'} has no rows yet")
-        runs[folder.name] = (np.array(list(rows)), np.array(list(rows.values())))
-    last = min(int(steps.max()) for steps, _ in runs.values())
+    """compare: each run's mean loss (its log.csv) over 8 stretches of the steps all reached, then
+    its FIDs (fid.csv from --fid-every, fid.json from fid); --plot: both against images seen."""
+    runs = {Path(folder): read_run(Path(folder)) for folder in args.runs}
+    last = min(int(steps.max()) for steps, *_ in runs.values())
     edges = [round(last * k / 8) for k in range(9)]
-    print(f"{'steps':>13} " + " ".join(f"{name:>10}" for name in runs))
+    print(f"{'steps':>13} " + " ".join(f"{folder.name:>10}" for folder in runs))
     for lo, hi in zip(edges, edges[1:]):
-        means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss in runs.values()]
+        means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss, *_ in runs.values()]
         print(f"{lo:>6}-{hi:<6} " + " ".join(f"{m:>10.4f}" for m in means))
+    for folder, (*_, fids, scored) in runs.items():
+        for seen, fid in fids:
+            print(f"{folder.name}: FID {fid:.2f} after {seen:,} images (fid.csv, while training)")
+        for r in scored:
+            how = f"{r['samples']:,} images, {r['sampler']}"
+            print(f"{folder.name}: FID {r['fid']:.2f} at step {r['step']} ({how}; fid.json)")
+    if args.plot:
+        plot_runs(runs, args.plot)
+
+
+def plot_runs(runs, path):
+    """compare --plot: loss and FID (fid.csv) against training images seen, one line per run."""
+    try:
+        import matplotlib.pyplot as plt  # an optional extra, imported only here
+    except ImportError:
+        raise UserError("--plot needs the matplotlib package: pip install matplotlib")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for folder, (steps, loss, fids, _) in runs.items():
+        config = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]  # its batch size
+        left.plot(steps * config["batch_size"], loss, label=folder.name)
+        if fids:
+            right.plot(*zip(*fids), "o-", label=folder.name)
+    left.set(xlabel="training images seen", ylabel="loss (mean per log.csv row)", yscale="log")
+    right.set(xlabel="training images seen", ylabel="FID (fid.csv)")
+    left.legend()
+    right.legend()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -1645,6 +1851,14 @@ TRAIN_FLAGS = [
     ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
     ("--log-every", whole(1), 100, "a log.csv row every N steps"),
     ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
+    (
+        "--fid-every",
+        COUNT,
+        0,
+        "an FID every N epochs, in fid.csv (pip install pytorch-fid); 0: off",
+    ),
+    ("--fid-samples", whole(2, 10_000_000), 10_000, "samples per --fid-every FID; paper: 50000"),
+    REF_STATS := ("--ref-stats", str, None, "FID reference: an npz of mu, sigma; None: the data's"),
     ("--class-cond", bool, False, "train on the dataset's labels, for --guidance (not paper)"),
     ("--cond-drop", FRACTION, 0.1, "with --class-cond, the share of labels dropped to 'no label'"),
 ]
@@ -1656,6 +1870,20 @@ SAMPLE_FLAGS = [
     ("--format", ["png", "npz"], "png", "png files and a grid, or one uint8 (N, H, W, C) npz"),
     ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
     ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
+]
+FID_FLAGS = [
+    ("--ckpt", str, None, "a ckpt.pt written by train: the FID of its samples"),
+    ("--images", str, None, "or the FID of these: a folder of images, or an npz from sample"),
+    ("--num-samples", whole(2, 10_000_000), 50_000, "how many samples; paper: 50000"),
+    *[row for row in SAMPLE_FLAGS if row[0] in ("--batch-size", "--weights", "--class")],
+    (
+        "--dataset",
+        [*TORCHVISION_DATASETS, "folder"],
+        None,
+        "the reference; None: the run's/cifar10",
+    ),
+    ("--data-dir", str, None, "its folder, where its statistics are cached; None: the run's/data"),
+    REF_STATS,
 ]
 SHARED = ("--image-size", "--timesteps", "--schedule", "--seed")  # forward takes these too
 FORWARD_FLAGS = [row for row in NETWORK_FLAGS + RUNTIME_FLAGS if row[0] in SHARED] + [
@@ -1685,14 +1913,16 @@ COMMANDS = {  # name: (its function, its groups of flags, its help)
     "sample": (write_samples, "runtime sampler sample", "generate images from a checkpoint"),
     "forward": (draw_forward_process, "data forward", "picture the forward (noising) process"),
     "bench": (benchmark, "network runtime bench", "measure training and sampling speed"),
-    "compare": (compare_runs, "", "compare the loss curves of runs"),
+    "fid": (measure_fid, "runtime sampler fid", "the FID of a checkpoint's samples, or of images"),
+    "compare": (compare_runs, "", "compare the loss and FID curves of runs"),
 }
 FLAGS = dict(network=NETWORK_FLAGS, runtime=RUNTIME_FLAGS, sampler=SAMPLER_FLAGS, data=DATA_FLAGS)
 FLAGS.update(training=TRAIN_FLAGS, sample=SAMPLE_FLAGS, forward=FORWARD_FLAGS, bench=BENCH_FLAGS)
+FLAGS.update(fid=FID_FLAGS)
 
 
 def build_parser():
-    """The five commands and their flags; returns (parser, {command: subparser})."""
+    """The six commands and their flags; returns (parser, {command: subparser})."""
     description = "Denoising Diffusion Probabilistic Models (Ho et al. 2020); no command: train"
     parser = Parser(prog="ddpm.py", allow_abbrev=False, description=description)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
@@ -1702,6 +1932,7 @@ def build_parser():
         for group in groups.split():
             add_flags(p, group, FLAGS[group])
     commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
+    commands["compare"].add_argument("--plot", metavar="FILE.png", help="draw the curves there")
     for flag in ("lr", "grad_clip", "ema_decay", "warmup"):  # read by the training iteration
         commands["bench"].set_defaults(**{flag: commands["train"].get_default(flag)})
     return parser, commands

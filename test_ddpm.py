@@ -8,11 +8,14 @@ CPU only, offline, fixed seeds; the data is generated here. Run: python -m pytes
 import ast
 import contextlib
 import copy
+import csv
 import io
+import json
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -2148,6 +2151,266 @@ def test_compare_tabulates_loss_curves(tmp_path, capsys):
     assert lines[1].split() == ["0-20", "15.0000", "30.0000"]  # rows 10 and 20
     assert lines[-1].split() == ["140-160", "155.0000", "310.0000"]
     expect_error(["compare", str(tmp_path / "missing")], "log.csv", capsys=capsys)
+
+
+# -----------------------------------------------------------------------------
+# FID (after the banner), with a stand-in for pytorch-fid's Inception network
+# -----------------------------------------------------------------------------
+
+
+def test_frechet_distance_against_closed_forms():
+    """In float64: equal statistics give 0; diagonal covariances give ||mu1 - mu2||^2 + sum (s1 -
+    s2)^2 (s: the standard deviations); any two covariances give what tr((S1^1/2 S2 S1^1/2)^1/2),
+    a second way of computing the trace of the root, gives."""
+    g = torch.Generator().manual_seed(0)
+    d, f64 = 64, dict(generator=g, dtype=torch.float64)
+    mu1, mu2, s1, s2 = (
+        torch.randn(d, **f64),
+        torch.randn(d, **f64),
+        torch.rand(d, **f64),
+        torch.rand(d, **f64),
+    )
+    closed = float((mu1 - mu2).square().sum() + (s1 - s2).square().sum())
+    assert ddpm.frechet_distance(mu1, s1.square().diag(), mu2, s2.square().diag()) == pytest.approx(
+        closed, rel=1e-10
+    )
+    a, b = torch.randn(d, 2 * d, **f64), torch.randn(d, 2 * d, **f64)
+    S1, S2 = a @ a.T / (2 * d), b @ b.T / (2 * d)
+    assert abs(ddpm.frechet_distance(mu1, S1, mu1, S1)) < 1e-9
+    w, v = torch.linalg.eigh(S1)
+    root1 = v @ w.sqrt().diag() @ v.T  # S1^(1/2)
+    trace_root = torch.linalg.eigvalsh(root1 @ S2 @ root1).clamp(min=0).sqrt().sum()
+    second = float((mu1 - mu2).square().sum() + S1.trace() + S2.trace() - 2 * trace_root)
+    assert ddpm.frechet_distance(mu1, S1, mu2, S2) == pytest.approx(second, rel=1e-10)
+
+
+def test_feature_statistics_see_images_as_pytorch_fid_reads_pngs():
+    """The network gets RGB floats in [0, 1], a grey image as three equal channels (as PIL's
+    convert("RGB") gives pytorch-fid), in batches; mu and sigma are numpy's mean and cov."""
+    seen = []
+
+    def features(x):
+        seen.append(x)
+        return torch.cat([x.mean((2, 3)), x[:, :, 0, 0] * x[:, :, 1, 1]], 1)  # (B, 6)
+
+    grey = torch.randint(0, 256, (600, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    grey = grey.to(torch.uint8)
+    mu, sigma = ddpm.feature_statistics(features, grey, torch.device("cpu"), "test")
+    x = torch.cat(seen)
+    assert len(seen) > 1 and x.dtype == torch.float32
+    assert torch.equal(x, (grey.float() / 255).expand(-1, 3, -1, -1))
+    f = features(x).double().numpy()
+    assert mu.dtype == sigma.dtype == torch.float64
+    np.testing.assert_allclose(mu.numpy(), f.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(f, rowvar=False), rtol=1e-10)
+
+
+def standin_inception(calls):
+    """A stand-in for ddpm.inception: 16 fixed random features of the 8x8-pooled image; records
+    how many images it saw per call, and checks that they come as pytorch-fid wants them."""
+    weights = torch.randn(3 * 8 * 8, 16, generator=torch.Generator().manual_seed(0))
+
+    def features(x):
+        assert x.dtype == torch.float32 and x.shape[1] == 3 and 0 <= x.min() <= x.max() <= 1
+        calls.append(len(x))
+        return torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1) @ weights
+
+    return lambda device: features
+
+
+def test_reference_statistics_are_computed_once_then_read_from_the_cache(image_dir, tmp_path):
+    """The training set's statistics at the run's image size are computed on first use, cached in
+    --data-dir (with their image size) and read back from there; --ref-stats takes a file of the
+    usual mu/sigma form instead; a reference of another image size or width is a one-line error."""
+    data, calls, cpu = tmp_path / "data", [], torch.device("cpu")
+    shutil.copytree(image_dir, data)
+    features = standin_inception(calls)(cpu)
+    args = SimpleNamespace(ref_stats=None, data_dir=str(data), dataset="folder")
+    mu, sigma, where = ddpm.reference_statistics(args, 8, features, cpu)
+    assert sum(calls) == 40 and "40 folder training images" in where
+    direct = ddpm.feature_statistics(features, ddpm.load_dataset("folder", data, 8), cpu, "")
+    assert torch.equal(mu, direct[0]) and torch.equal(sigma, direct[1])
+    cache = data / "fid_stats_folder_8px.npz"
+    assert cache.is_file() and int(np.load(cache)["image_size"]) == 8
+    calls.clear()
+    again = ddpm.reference_statistics(args, 8, features, cpu)
+    assert sum(calls) <= 1 and str(cache) in again[2]  # at most a probe of the width
+    assert torch.equal(again[0], mu) and torch.equal(again[1], sigma)
+    ddpm.reference_statistics(args, 4, features, cpu)  # another size: its own file
+    assert (data / "fid_stats_folder_4px.npz").is_file()
+    np.savez(tmp_path / "ref.npz", mu=np.arange(16.0), sigma=np.eye(16))
+    args.ref_stats = str(tmp_path / "ref.npz")
+    mu, sigma, where = ddpm.reference_statistics(args, 8, features, cpu)
+    assert torch.equal(mu, torch.arange(16.0, dtype=torch.float64)) and where == args.ref_stats
+    with pytest.raises(ddpm.UserError, match="statistics of 8x8 images; these are 4"):
+        ddpm.reference_statistics(
+            SimpleNamespace(**dict(vars(args), ref_stats=str(cache))), 4, features, cpu
+        )
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ddpm.UserError, match="2048 features; the network has 16"):
+        ddpm.reference_statistics(
+            SimpleNamespace(**dict(vars(args), ref_stats=str(tmp_path / "wide.npz"))),
+            8,
+            features,
+            cpu,
+        )
+
+
+def test_fid_command_scores_samples_npz_files_and_folders_alike(
+    trained_run, image_dir, tmp_path, monkeypatch, capsys
+):
+    """fid --ckpt draws from the EMA weights as sample does, prints the FID and its protocol and
+    adds a record to fid.json beside the checkpoint; the same images written by sample, as an npz
+    or PNG files, score the same through --images; compare lists the records."""
+    calls = []
+    monkeypatch.setattr(ddpm, "inception", standin_inception(calls))
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    shutil.copy(trained_run / "ckpt.pt", run)
+    shutil.copy(trained_run / "log.csv", run)
+    shutil.copytree(image_dir, data)
+    common = ["--device", "cpu", "--batch-size", "8", "--sample-steps", "5"]
+    fid = ["fid", "--data-dir", str(data), "--dataset", "folder", *common]
+    assert ddpm.main([*fid, "--ckpt", str(run / "ckpt.pt"), "--num-samples", "24"]) == 0
+    out = capsys.readouterr().out
+    score = float(re.search(r"^FID (\S+)$", out, re.M).group(1))
+    (record,) = json.loads((run / "fid.json").read_text())
+    assert record["samples"] == 24 and record["step"] == 10 and record["images_seen"] == 80
+    assert record["sampler"] == "dpm++ 5 steps, seed 0" and "ema weights" in record["images"]
+    assert "40 folder training images" in record["reference"] and "pytorch-fid" in record["network"]
+    assert record["fid"] == pytest.approx(score, abs=0.01) and "note: FID from 24 images" in out
+    for fmt, images in (("npz", "samples.npz"), ("png", "images")):
+        sample = ["sample", "--ckpt", str(run / "ckpt.pt"), "--num-samples", "24", *common]
+        assert ddpm.main([*sample, "--format", fmt, "--out-dir", str(tmp_path / fmt)]) == 0
+        assert ddpm.main([*fid, "--images", str(tmp_path / fmt / images)]) == 0
+        (scored,) = json.loads((tmp_path / fmt / "fid.json").read_text())
+        assert scored["fid"] == record["fid"] and scored["samples"] == 24 and scored["step"] is None
+    assert sum(calls) == 40 + 3 * 24 + 2  # the training set once (then its cache, probed twice)
+    assert ddpm.main([*fid, "--ckpt", str(run / "ckpt.pt"), "--num-samples", "16"]) == 0
+    assert [r["samples"] for r in json.loads((run / "fid.json").read_text())] == [24, 16]
+    capsys.readouterr()
+    assert ddpm.main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"run: FID {record['fid']:.2f} at step 10 (24 images, dpm++ 5 steps, seed 0" in out
+
+
+def test_fid_errors_end_in_one_line_before_any_work(
+    trained_run, image_dir, tmp_path, monkeypatch, capsys
+):
+    """Without pytorch-fid, without its weights (offline), with a reference of another image size,
+    with neither or both of --ckpt and --images, or with images that are not images: one line
+    each, before any sampling; --fid-every checks the same before training starts."""
+    ckpt, run = str(trained_run / "ckpt.pt"), tmp_path / "run"
+    fid = ["fid", "--device", "cpu", "--num-samples", "4", "--data-dir", str(tmp_path)]
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # "import pytorch_fid" fails
+    expect_error([*fid, "--ckpt", ckpt], "pip install pytorch-fid", capsys=capsys)
+    train = train_flags(image_dir, run, "--fid-every", "1")
+    expect_error(train, "pip install pytorch-fid", capsys=capsys)
+    assert not (run / "log.csv").exists()
+
+    class Offline:  # pytorch-fid as it behaves offline: the weights' download fails
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    fake = SimpleNamespace(InceptionV3=Offline)
+    monkeypatch.setitem(sys.modules, "pytorch_fid", SimpleNamespace(inception=fake))
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", fake)
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    expect_error([*fid, "--ckpt", ckpt], str(weights), capsys=capsys)
+    monkeypatch.setattr(ddpm, "inception", standin_inception([]))
+    np.savez(tmp_path / "ref32.npz", mu=np.zeros(16), sigma=np.eye(16), image_size=32)
+    ref32 = ["--ref-stats", str(tmp_path / "ref32.npz")]
+    expect_error([*fid, "--ckpt", ckpt, *ref32], "32x32 images; these are 8", capsys=capsys)
+    expect_error(train_flags(image_dir, run, "--fid-every", "1", *ref32), "32x32", capsys=capsys)
+    (tmp_path / "bad.npz").write_text("not an npz")
+    bad = ["--ref-stats", str(tmp_path / "bad.npz")]
+    expect_error([*fid, "--ckpt", ckpt, *bad], "--ref-stats", "mu and sigma", capsys=capsys)
+    expect_error(fid, "--ckpt", "--images", capsys=capsys)
+    expect_error([*fid, "--ckpt", ckpt, "--images", str(tmp_path)], "one of", capsys=capsys)
+    expect_error([*fid, "--images", str(tmp_path / "bad.npz")], "--images", capsys=capsys)
+    expect_error([*fid, "--images", str(tmp_path / "none")], "--images", capsys=capsys)
+    np.savez(tmp_path / "floats.npz", np.zeros((4, 8, 8, 3)))
+    expect_error([*fid, "--images", str(tmp_path / "floats.npz")], "uint8", capsys=capsys)
+    assert not list(tmp_path.rglob("fid.json"))
+
+
+def test_fid_every_logs_rows_kept_out_of_images_per_s(image_dir, tmp_path, monkeypatch, capsys):
+    """--fid-every 1: a fid.csv row at the end of each epoch (step, images seen, FID, samples,
+    sampler, seconds) from the EMA weights, with --sampler auto's FID sampler (DDIM, eta 1,
+    min(100, T) steps): the FID that fid gives for the checkpoint; its time stays out of log.csv's
+    images/s; a resumed run keeps the rows up to its step."""
+    clock = [0.0]
+
+    def tick():  # a clock that moves 1 ms per reading, and 100 s per call of the network
+        clock[0] += 0.001
+        return clock[0]
+
+    features = standin_inception([])(None)
+
+    def slow(x):
+        clock[0] += 100
+        return features(x)
+
+    monkeypatch.setattr(ddpm, "inception", lambda device: slow)
+    monkeypatch.setattr(ddpm, "time", SimpleNamespace(time=tick, perf_counter=tick))
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(image_dir, data)
+    flags = ["--fid-every", "1", "--fid-samples", "6", "--log-every", "5", "--sample-every", "0"]
+    assert ddpm.main(train_flags(data, run, "--epochs", "2", *flags)) == 0
+    rows = list(csv.DictReader(open(run / "fid.csv")))
+    assert [(r["step"], r["images_seen"], r["samples"]) for r in rows] == [
+        ("5", "40", "6"),
+        ("10", "80", "6"),
+    ]
+    assert {r["sampler"] for r in rows} == {"ddim 20 steps eta 1"}
+    assert all(float(r["seconds"]) >= 100 for r in rows)
+    speeds = {r["step"]: float(r["images_per_s"]) for r in csv.DictReader(open(run / "log.csv"))}
+    assert "10" in speeds and min(speeds.values()) > 1000  # 8 images a step, 1 ms a reading
+    capsys.readouterr()
+    again = ["--ckpt", str(run / "ckpt.pt"), "--num-samples", "6", "--sampler", "ddim"]
+    again += ["--eta", "1", "--sample-steps", "20", "--device", "cpu"]
+    assert ddpm.main(["fid", *again]) == 0
+    assert f"FID {float(rows[1]['fid']):.2f}" in capsys.readouterr().out
+    assert ddpm.main(train_flags(data, run, "--epochs", "3", "--resume")) == 0
+    steps = [r["step"] for r in csv.DictReader(open(run / "fid.csv"))]
+    assert steps == ["5", "10", "15"]
+
+
+def test_compare_plots_loss_and_fid_against_images_seen(tmp_path, monkeypatch, capsys):
+    """compare --plot draws loss and fid.csv's FID against images seen (steps times the batch size
+    that ckpt.pt holds), a line per run; without matplotlib, one line naming it."""
+    for name, batch in (("a", 4), ("b", 8)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "log.csv").write_text(
+            "step,epoch,loss,lr,grad_norm,images_per_s,elapsed_s\n10,0,0.5,1,1,1,1\n20,0,0.25,1,1,1,1\n"
+        )
+        (tmp_path / name / "fid.csv").write_text(
+            f"step,images_seen,fid,samples,sampler,seconds\n20,{20 * batch},9.5,6,ddim,1\n"
+        )
+        torch.save(
+            dict(format=ddpm.CKPT_FORMAT, config=dict(batch_size=batch)),
+            tmp_path / name / "ckpt.pt",
+        )
+    lines = []
+    axes = [
+        SimpleNamespace(plot=lambda *a, **k: lines.append((a, k)), set=dict, legend=dict)
+        for _ in "ab"
+    ]
+    figure = SimpleNamespace(savefig=lambda path, **k: Path(path).write_text("png"))
+    pyplot = SimpleNamespace(subplots=lambda *a, **k: (figure, axes))
+    monkeypatch.setitem(sys.modules, "matplotlib", SimpleNamespace(pyplot=pyplot))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert ddpm.main(["compare", *runs, "--plot", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").is_file()
+    assert "a: FID 9.50 after 80 images" in capsys.readouterr().out
+    loss_a, fid_a, loss_b, fid_b = [(list(map(list, a)), k["label"]) for a, k in lines]
+    assert loss_a[0][0] == [40, 80] and loss_b[0][0] == [80, 160] and loss_b[1] == "b"
+    assert fid_a[0][:2] == [[80], [9.5]] and fid_b[0][:2] == [[160], [9.5]]
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    expect_error(["compare", *runs, "--plot", "x.png"], "pip install matplotlib", capsys=capsys)
 
 
 # -----------------------------------------------------------------------------

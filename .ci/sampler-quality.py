@@ -5,11 +5,12 @@
 For a grey 28x28 dataset that torchvision has (Fashion-MNIST by default) it trains a small
 classifier on the training set (at the checkpoint's image size), then draws --num-samples images
 with every sampler and step count below, all from the same x_T (`ddpm.py sample --seed 0`), and
-prints a Markdown table: seconds per run on this machine, and the Frechet distance (FD) between the
+prints a Markdown table: seconds per run on this machine, the Frechet distance (FD) between the
 classifier's penultimate features of the samples and of the test set (FID's formula, with a
-classifier of this data instead of Inception, which these machines cannot download). It also
-prints the FD of two sets of as many real training images: the floor, and how much FD moves
-between draws of that size.
+classifier of this data instead of Inception, which these machines cannot download), and how many
+classes the samples spread over (exp of the entropy of the predicted classes' shares; 10 at most).
+It also prints the FD of two sets of as many real training images: the floor, and how much FD
+moves between draws of that size; --real-sets 2000,10000,50000 adds real sets of those sizes.
 CI never runs this (it takes the better part of an hour on 2 CPU cores).
 """
 
@@ -27,15 +28,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ddpm  # noqa: E402
 
-RUNS = [
-    ("ddpm", None),
-    ("ddim", 10),
-    ("ddim", 20),
-    ("ddim", 50),
-    ("dpm++", 10),
-    ("dpm++", 20),
-    ("dpm++", 50),
-]
+RUNS = "ddpm ddim:10 ddim:20 ddim:50 dpm++:10 dpm++:20 dpm++:50"  # sampler[:steps[:eta]]
 
 
 def images(name, data_dir, size, train):
@@ -83,6 +76,13 @@ def frechet(a, b):
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * root)
 
 
+def classes(net, x):
+    """exp(entropy) of the predicted classes' shares: 10 for 10 equally common classes."""
+    with torch.no_grad():
+        shares = torch.cat([net(b) for b in x.split(500)]).argmax(1).bincount(minlength=10) / len(x)
+    return float(torch.exp(-(shares * shares.clamp(min=1e-12).log()).sum()))
+
+
 def train_classifier(x, y, x_test, y_test):
     """The small CNN, trained for 6 epochs; prints its test accuracy."""
     net, t0 = Classifier(), time.time()
@@ -106,6 +106,10 @@ def main():
     p.add_argument("--dataset", default="FashionMNIST")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--out-dir", default="runs/sampler-quality")
+    p.add_argument("--runs", default=RUNS, help=f"space-separated sampler[:steps[:eta]]; {RUNS}")
+    p.add_argument(
+        "--real-sets", default="", help="also FD of real sets of these sizes, e.g. 2000,10000"
+    )
     args = p.parse_args()
     cfg = torch.load(args.ckpt, map_location="cpu", weights_only=True)["config"]
     size = cfg["image_size"]
@@ -118,9 +122,19 @@ def main():
     rows = []
     for k in range(2):
         fd = frechet(features(net, x[perm[k * n : (k + 1) * n]]), reference)
-        rows.append(f"| real training images, set {k + 1} | - | - | {fd:.2f} |")
-    for sampler, steps in RUNS:
-        out = Path(args.out_dir) / f"{sampler}-{steps or cfg['timesteps']}"
+        real = x[perm[k * n : (k + 1) * n]]
+        rows.append(
+            f"| real training images, set {k + 1} | - | - | {fd:.2f} | {classes(net, real):.2f} |"
+        )
+    for size in [int(v) for v in args.real_sets.split(",") if v]:
+        fd = frechet(features(net, x[torch.randperm(len(x))[:size]]), reference)
+        rows.append(f"| {size} real training images | - | - | {fd:.2f} | - |")
+        print(rows[-1], flush=True)
+    for run in args.runs.split():
+        sampler, steps, eta = (run.split(":") + [None, "0"])[:3]
+        steps = steps and int(steps)
+        name = f"{sampler}, eta {eta}" if sampler == "ddim" else sampler
+        out = Path(args.out_dir) / f"{sampler}-{steps or cfg['timesteps']}-{eta}"
         argv = [
             "sample",
             "--ckpt",
@@ -139,6 +153,8 @@ def main():
             "cpu",
             "--seed",
             "0",
+            "--eta",
+            eta,
         ]
         t0 = time.time()
         assert ddpm.main(argv + (["--sample-steps", str(steps)] if steps else [])) == 0
@@ -149,12 +165,15 @@ def main():
             - 1
         )
         fd = frechet(features(net, arr), reference)
-        rows.append(f"| {sampler} | {steps or cfg['timesteps']} | {seconds:.0f} | {fd:.2f} |")
+        spread = classes(net, arr)
+        rows.append(
+            f"| {name} | {steps or cfg['timesteps']} | {seconds:.0f} | {fd:.2f} | {spread:.2f} |"
+        )
         print(rows[-1], flush=True)
     threads = torch.get_num_threads()
     print(f"\n{n} samples from {args.ckpt}, {threads} CPU threads, torch {torch.__version__}")
     print(
-        "| sampler | steps | seconds | FD to the test set |\n|---|---:|---:|---:|\n"
+        "| sampler | steps | seconds | FD to the test set | classes |\n|---|---:|---:|---:|---:|\n"
         + "\n".join(rows)
     )
 
