@@ -5,8 +5,8 @@ A faithful, readable PyTorch implementation of Ho, Jain & Abbeel, "Denoising Dif
 Probabilistic Models" (arXiv:2006.11239, 2020), checked against the paper's official code.
 Parts I-III are the method: read them with the paper open, or paste them alone into a notebook,
 where they train and sample. After the banner that ends Part III come the extras (another
-schedule, two fast samplers) and the engineering (progress lines, checkpoints, signals, DDP, the
-command line). README.md has the commands; the main one:
+schedule, two fast samplers) and the engineering (progress lines, checkpoints, FID, signals, DDP,
+the command line). README.md has the commands; the main one:
     pip install -r requirements.txt && python ddpm.py --model res_att --epochs 100
 
 Paper symbols and their names here
@@ -45,7 +45,7 @@ Section map
     Part II  the networks: the blocks, ResAttUNet (the paper's network), ResUNet, ConvUNet
     Part III training (Alg. 1: train_step, train_iteration, train_loop), sampling (Alg. 2)
     Extras   cosine_beta_schedule, ddim_sample_loop, dpm_solver_sample_loop, Guided
-    Engineering: progress lines, data, checkpoints, the commands, the command line
+    Engineering: progress lines, data, checkpoints, FID, the commands, the command line
 """
 
 import argparse
@@ -757,7 +757,7 @@ class Guided:
 
 
 # =============================================================================
-# Engineering: progress lines, data, devices and compile, checkpoints, the commands, the CLI
+# Engineering: progress lines, data, devices and compile, checkpoints, FID, the commands, the CLI
 # =============================================================================
 class UserError(Exception):
     """A mistake in the command line or its files: main() prints it on one line and exits 2."""
@@ -1051,9 +1051,8 @@ def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, row
 
 
 # --- FID  [Heusel et al. 2017]: Inception features of samples against the training set's --------
-FID_NETWORK = "pytorch-fid's InceptionV3 (the TF FID weights), pool3, 2048 features"
+FID_NETWORK = "pytorch-fid's InceptionV3 (TF FID weights): pool3, 2048 features; it resizes to 299"
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # where pytorch-fid looks for its weights
-FID_SAMPLER = dict(sampler="ddim", eta=1.0)  # --fid-every's --sampler auto, at 100 steps
 
 
 def inception(device):
@@ -1100,23 +1099,18 @@ def reference_statistics(args, size, features, device):
         try:
             with np.load(path) as f:
                 mu, sigma, saved = f["mu"], f["sigma"], int(f.get("image_size", size))
+                n = f"{int(f['images']):,} images' statistics" if "images" in f else "statistics"
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"--ref-stats {path}: not an npz of mu and sigma ({first_line(e)})")
         if saved != size:
             raise UserError(f"{path} holds statistics of {saved}x{saved} images; these are {size}")
-        if len(mu) != (dims := features(torch.zeros(1, 3, size, size, device=device)).shape[1]):
-            raise UserError(
-                f"{path} holds statistics of {len(mu)} features; the network has {dims}"
-            )
-        return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), str(path)
+        return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"{n} in {path}"
     images = load_dataset(args.dataset, args.data_dir, size)
     mu, sigma = feature_statistics(features, images, device, f"the {args.dataset} training set")
-    try:  # written whole or not at all
-        with open(path.with_name(path.name + ".tmp"), "wb") as f:
-            np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
-        os.replace(f.name, path)
-    except OSError as e:
-        print(f"note: could not cache the reference statistics in {path} ({first_line(e)})")
+    with contextlib.suppress(OSError):  # whole or not at all; a read-only --data-dir: not cached
+        stats = dict(mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
+        np.savez(tmp := path.with_suffix(".tmp.npz"), **stats)
+        os.replace(tmp, path)
     return mu, sigma, f"{len(images):,} {args.dataset} training images, cached in {path}"
 
 
@@ -1227,9 +1221,8 @@ class Run:
         if args.fid_every and rank == 0:
             features = inception(device)
             self.fid = (features, *reference_statistics(args, H, features, device)[:2])
-            auto = dict(FID_SAMPLER, sample_steps=min(100, args.timesteps))
-            auto = auto if args.sampler == "auto" else {}
-            more = dict(auto, batch_size=500, label=None)  # batches as sample's; all classes
+            auto = dict(sampler="ddim", eta=1.0, sample_steps=min(100, args.timesteps))  # measured
+            more = dict(auto if args.sampler == "auto" else {}, batch_size=500, label=None)
             self.fid_args = argparse.Namespace(**{**vars(args), **more})
         self.step = self.saved_step = self.speed_step = self.logged_step = 0
         self.elapsed_before, self.started = 0.0, time.time()
@@ -1595,8 +1588,7 @@ def measure_fid(args):
     stats = feature_statistics(features, images, device, f"{len(images):,} images")
     fid = round(frechet_distance(*stats, mu, sigma), 4)
     record = dict(fid=fid, samples=len(images), **record, reference=reference)
-    record.update(network=f"{FID_NETWORK}, resized by it to 299x299")
-    record.update(seconds=round(time.time() - t0, 1))  # sampling and features
+    record.update(network=FID_NETWORK, seconds=round(time.time() - t0, 1))  # after the reference
     print(f"FID {fid:.2f}", *[f"  {k:<11} {v}" for k, v in list(record.items())[1:]], sep="\n")
     if len(images) < 50_000:
         print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
@@ -1698,9 +1690,7 @@ def read_run(folder):
                 rows[name] = list(csv.DictReader(f))
         loss = {int(r["step"]): float(r["loss"]) for r in rows.get("log.csv", [])}  # last wins
         fids = [(int(r["images_seen"]), float(r["fid"])) for r in rows.get("fid.csv", [])]
-        scored = (
-            json.loads((folder / "fid.json").read_text()) if (folder / "fid.json").exists() else []
-        )
+        scored = json.loads(path.read_text()) if (path := folder / "fid.json").exists() else []
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{folder}: a log.csv, fid.csv or fid.json not written by ddpm.py ({e})")
     if not loss:
@@ -1743,7 +1733,8 @@ def plot_runs(runs, path):
     left.set(xlabel="training images seen", ylabel="loss (mean per log.csv row)", yscale="log")
     right.set(xlabel="training images seen", ylabel="FID (fid.csv)")
     left.legend()
-    right.legend()
+    if any(fids for _, _, fids, _ in runs.values()):
+        right.legend()
     figure.savefig(path, dpi=120)
     print(f"wrote {path}")
 
