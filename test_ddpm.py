@@ -73,12 +73,13 @@ def float64_schedule(T=1000):
 
 
 def test_file_budget():
-    """ddpm.py: at most 1,500 non-blank lines, the method (Parts I-III, up to the banner) at most
-    650; no line over 100 characters up to the banner and none over 110 after it."""
+    """ddpm.py: at most 1,700 non-blank lines (1,500 before FID was built in), the method (Parts
+    I-III, up to the banner) at most 650; no line over 100 characters up to the banner and none
+    over 110 after it."""
     lines = SOURCE.splitlines()
     banner = next(i for i, line in enumerate(lines) if line.startswith(BANNER))
     nonblank = lambda part: sum(1 for line in part if line.strip())  # noqa: E731
-    assert nonblank(lines) <= 1500 and nonblank(lines[:banner]) <= 650
+    assert nonblank(lines) <= 1700 and nonblank(lines[:banner]) <= 650
     assert max(len(line) for line in lines[:banner]) <= 100
     assert max(len(line) for line in lines[banner:]) <= 110
 

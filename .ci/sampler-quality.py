@@ -131,7 +131,8 @@ def main():
         rows.append(f"| {size} real training images | - | - | {fd:.2f} | - |")
         print(rows[-1], flush=True)
     for run in args.runs.split():
-        sampler, steps, eta = (run.split(":") + [None, "0"])[:3]
+        sampler, *rest = run.split(":")  # sampler[:steps[:eta]]
+        steps, eta = (rest + [None])[0], (rest[1:] + ["0"])[0]
         steps = steps and int(steps)
         name = f"{sampler}, eta {eta}" if sampler == "ddim" else sampler
         out = Path(args.out_dir) / f"{sampler}-{steps or cfg['timesteps']}-{eta}"
