@@ -65,7 +65,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -874,10 +873,11 @@ def load_labels(name, data_dir, max_images=None):
 def load_image_folder(root, image_size, max_images=None):
     """Every .png/.jpg under root, resized and centre-cropped: (N, C, H, W), grey or RGB."""
     files = image_files(root, max_images)
+    from PIL import Image  # Pillow: installed with torchvision
 
     def read(path, mode=None):
         try:
-            with PIL.Image.open(path) as im:
+            with Image.open(path) as im:
                 mode = mode or ("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
                 x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3) uint8
         except OSError as e:
@@ -1553,8 +1553,8 @@ def write_samples(args):
 def read_images(path):
     """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder."""
     if path.suffix != ".npz":
-        with PIL.Image.open(image_files(path, flag="--images")[0]) as im:  # its size: all sizes
-            return load_image_folder(path, min(im.size))
+        first = torchvision.io.read_image(str(image_files(path, flag="--images")[0]))
+        return load_image_folder(path, min(first.shape[-2:]))  # every image at the first's size
     try:
         with np.load(path) as f:
             x = torch.from_numpy(f["arr_0"])
