@@ -1553,8 +1553,10 @@ def write_samples(args):
 def read_images(path):
     """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder."""
     if path.suffix != ".npz":
-        first = torchvision.io.read_image(str(image_files(path, flag="--images")[0]))
-        return load_image_folder(path, min(first.shape[-2:]))  # every image at the first's size
+        from PIL import Image  # Pillow: installed with torchvision
+
+        with Image.open(image_files(path, flag="--images")[0]) as im:  # all at the first's size
+            return load_image_folder(path, min(im.size))
     try:
         with np.load(path) as f:
             x = torch.from_numpy(f["arr_0"])
