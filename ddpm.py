@@ -37,7 +37,7 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
        that every step has one shape).
     4. Mixed precision (bf16 autocast) on CUDA by default; --amp none for float32.
     5. Extras the paper does not have, after the banner: the cosine schedule (Nichol & Dhariwal
-       2021), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022; the CPU's sampler), and
+       2021), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022), and
        classifier-free guidance (Ho & Salimans 2022; the network's optional label input).
 
 Section map
@@ -151,10 +151,9 @@ class GaussianDiffusion(nn.Module):
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_0.shape) * noise
         )
 
-    def p_losses(self, model, x_0, t=None, noise=None, y=None):
+    def p_losses(self, model, x_0, t=None, noise=None):
         """L_simple [Eq. 14], Algorithm 1, lines 3-5: the mean squared error between the true
-        noise and the network's prediction of it from x_t (and class labels y, if any: not in the
-        paper, classifier-free guidance after the banner)."""
+        noise and the network's prediction of it from x_t."""
         B = x_0.shape[0]
         if t is None:
             # Alg. 1, line 3: t ~ Uniform({1, ..., T}), i.e. code t in {0..T-1}
@@ -164,7 +163,7 @@ class GaussianDiffusion(nn.Module):
         # the argument of eps_theta in Alg. 1, line 5:
         # sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
         x_t = self.q_sample(x_0, t, noise)
-        eps_pred = model(x_t, t) if y is None else model(x_t, t, y)
+        eps_pred = model(x_t, t)
         # Alg. 1, line 5: || eps - eps_theta(x_t, t) ||^2, averaged over pixels and batch
         return F.mse_loss(eps_pred.float(), noise.float())
 
@@ -488,7 +487,10 @@ def make_optimizer(net, lr=2e-4, warmup=5000):
     warm-up: lr * min(n / warmup, 1) at step n [App. B]. Returns (optimizer, scheduler)."""
     fused = next(net.parameters()).is_cuda  # one kernel for all parameters on a GPU
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
-    warm_up = lambda n: min(1.0, n / warmup) if warmup else 1.0  # noqa: E731
+
+    def warm_up(n):  # the factor on lr at step n
+        return min(1.0, n / warmup) if warmup else 1.0
+
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warm_up)
 
 
@@ -503,74 +505,65 @@ def ema_update(ema, net, step, decay=0.9999):
         ema_p.lerp_(net_p, 1 - d)  # ema = d * ema + (1 - d) * net
 
 
-def train_step(model, diffusion, optimizer, scaler, x_0, grad_clip=1.0, amp=None, y=None):
-    """Algorithm 1, lines 3-5 on the batch x_0, with the official code's gradient clipping. scaler:
-    a torch.amp.GradScaler (a pass-through unless enabled, for float16); amp: the autocast dtype
-    (None: float32). Returns (loss, grad_norm), tensors that nothing here waits for."""
+def train_step(model, diffusion, optimizer, x_0, grad_clip=1.0, amp=None):
+    """Algorithm 1, lines 3-5 on the batch x_0, with the official code's gradient clipping. amp:
+    the autocast dtype (None: float32). Returns (loss, grad_norm), tensors not waited for here."""
     with torch.autocast(x_0.device.type, dtype=amp, enabled=amp is not None):
-        loss = diffusion.p_losses(model, x_0, y=y)  # Alg. 1, lines 3-5: t, eps and L_simple
-    scaler.scale(loss).backward()  # Alg. 1, line 5: the gradient of L_simple
-    scaler.unscale_(optimizer)  # the true gradients, before measuring them (no-op unless fp16)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # global norm <= 1
-    scaler.step(optimizer)  # Alg. 1, line 5: the gradient step (Adam)
-    scaler.update()
+        loss = diffusion.p_losses(model, x_0)  # Alg. 1, lines 3-5: t, eps and L_simple
+    loss.backward()  # Alg. 1, line 5: the gradient of L_simple
+    weights = optimizer.param_groups[0]["params"]  # the parameters of eps_theta
+    grad_norm = nn.utils.clip_grad_norm_(weights, grad_clip)  # their global norm <= grad_clip
+    optimizer.step()  # Alg. 1, line 5: the gradient step (Adam)
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
 
 
 @dataclasses.dataclass
 class Training:
-    """What Algorithm 1 updates from one step to the next, and the recipe it follows [App. B]."""
+    """What Algorithm 1 updates from one step to the next, and the constants of its update
+    [App. B]."""
 
     net: nn.Module  # eps_theta: the weights that Adam updates
     ema: nn.Module  # their moving average: what samples are drawn from
     optimizer: torch.optim.Optimizer  # Adam
     scheduler: torch.optim.lr_scheduler.LambdaLR  # the learning-rate warm-up
-    scaler: torch.amp.GradScaler  # float16's loss scaling; a pass-through otherwise
-    model: nn.Module  # what the step calls: net (after the banner: net compiled, or in DDP)
-    batch_size: int = 128
-    flip: bool = True  # random horizontal flips
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    seed: int = 0  # of the data order
     amp: torch.dtype = None  # autocast's dtype; None: float32
-    labels: object = None  # idx -> the batch's class labels y (after the banner); None: the paper
 
 
-def make_training(net, lr=2e-4, warmup=5000, amp=None, **recipe):
-    """A Training for net: an EMA copy of it, Adam with its warm-up, and a gradient scaler that
-    is enabled for float16 only."""
+def make_training(net, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999, amp=None):
+    """A Training for net: an EMA copy of it, and Adam with its warm-up."""
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer, scheduler = make_optimizer(net, lr, warmup)
-    device = next(net.parameters()).device.type
-    scaler = torch.amp.GradScaler(device, enabled=amp == torch.float16)
-    return Training(net, ema, optimizer, scheduler, scaler, net, amp=amp, **recipe)
+    return Training(net, ema, optimizer, scheduler, grad_clip, ema_decay, amp)
 
 
-def train_iteration(run, diffusion, data, step, rank=0, world=1):
-    """One iteration of Algorithm 1 at training step `step` (from 0): the batch, the gradient step,
-    the warm-up and the EMA. data: the uint8 training images (N, C, H, W). With world > 1 processes
-    (after the banner), each takes its rank's share of the batch. Returns (loss, grad_norm)."""
-    idx = batch_indices(len(data), run.batch_size, step, run.seed).tensor_split(world)[rank]
-    x_0 = get_batch(data, idx, run.flip)  # Alg. 1, line 2
-    y = run.labels(idx) if run.labels else None  # class labels, for guidance (not in the paper)
-    loss, grad_norm = train_step(  # Alg. 1, lines 3-5
-        run.model, diffusion, run.optimizer, run.scaler, x_0, run.grad_clip, run.amp, y
-    )
-    run.scheduler.step()
-    ema_update(run.ema, run.net, step, run.ema_decay)
+def train_iteration(training, diffusion, x_0, step, model=None):
+    """One iteration of Algorithm 1 at training step `step` (from 0) on the batch x_0: the
+    gradient step, the warm-up and the EMA. model: what computes eps_theta with training.net's
+    weights (training.net itself unless given). Returns (loss, grad_norm)."""
+    if model is None:
+        model = training.net
+    t = training  # the state and the recipe
+    loss, grad_norm = train_step(model, diffusion, t.optimizer, x_0, t.grad_clip, t.amp)
+    training.scheduler.step()
+    ema_update(training.ema, training.net, step, training.ema_decay)
     return loss, grad_norm
 
 
-def train_loop(net, diffusion, data, steps, lr=2e-4, warmup=5000, **recipe):
-    """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps, with
-    the recipe of Training; returns the EMA copy of its weights, to sample from. The command line
-    runs the same iterations, with its operations (checkpoints, logs) between them."""
-    run = make_training(net, lr, warmup, **recipe)
+def train_loop(net, diffusion, data, steps, batch_size=128, flip=True, seed=0, **recipe):
+    """Algorithm 1 repeated: train net on data (uint8 images (N, C, H, W)) for `steps` steps, each
+    on a batch of batch_indices, with the recipe of make_training (lr, warmup, grad_clip,
+    ema_decay, amp); returns the EMA copy of its weights, to sample from. The command line runs
+    the same iterations, with its operations (checkpoints, logs) between them."""
+    training = make_training(net, **recipe)
     net.train()
     for step in range(steps):  # Alg. 1, line 1: repeat
-        train_iteration(run, diffusion, data, step)  # Alg. 1, lines 2-5
-    return run.ema  # until converged: 800k steps for the paper's CIFAR-10 result
+        idx = batch_indices(len(data), batch_size, step, seed)  # (batch_size,)
+        x_0 = get_batch(data, idx, flip)  # Alg. 1, line 2: x_0 ~ q(x_0)
+        train_iteration(training, diffusion, x_0, step)  # Alg. 1, lines 3-5
+    return training.ema  # until converged: 800k steps for the paper's CIFAR-10 result
 
 
 # --- Sampling  [Alg. 2] --------------------------------------------------------------------------
@@ -726,16 +719,11 @@ def dpm_solver_sample_loop(
 
 # --- Classifier-free guidance  [Ho & Salimans 2022, arXiv:2207.12598] -------------------------
 # NOTE(paper): not in the paper; --class-cond trains on the labels, --guidance W samples with them
-def label_dropout(y, num_classes, drop):
-    """idx -> y[idx], each replaced by "no label" (num_classes) with probability drop, so that one
-    network learns eps(x_t, t, y) and eps(x_t, t) [Ho & Salimans, Alg. 1]."""
-
-    def labels(idx):
-        y_batch = y[idx.to(y.device)]  # (B,)
-        dropped = torch.rand(y_batch.shape, device=y.device) < drop  # (B,)
-        return torch.where(dropped, num_classes, y_batch)
-
-    return labels
+def drop_labels(y, num_classes, drop):
+    """The class labels y (B,), each replaced by "no label" (num_classes) with probability drop, so
+    that one network learns eps(x_t, t, y) and eps(x_t, t) [Ho & Salimans, Alg. 1]."""
+    dropped = torch.rand(y.shape, device=y.device) < drop  # (B,)
+    return torch.where(dropped, num_classes, y)
 
 
 class Guided:
@@ -756,7 +744,7 @@ class Guided:
 
 
 # =============================================================================
-# Engineering: progress lines, data, devices and compile, checkpoints, FID, the commands, the CLI
+# Engineering: progress lines, data, devices, checkpoints, samplers, FID, the commands, the CLI
 # =============================================================================
 class UserError(Exception):
     """A mistake in the command line or its files: main() prints it on one line and exits 2."""
@@ -769,24 +757,28 @@ def first_line(e):
 
 # --- Progress lines: no phase that takes more than a few seconds is silent ---------------------
 class Progress:
-    """A phase's status line (what, how far, images/s, ETA), updated in place in a terminal."""
+    """A phase's status line: what, how far, images/s and the time left, every 5 s (in a terminal
+    every 0.5 s, over itself), and the time it took; none for a phase under 5 s. steps: a
+    sampler's steps per batch."""
 
-    def __init__(self, what, total, images_per_tick=1.0, where=None):
-        self.what, self.total, self.per = what, total, images_per_tick
-        self.where = where or (lambda k: f"{k}/{total}")
+    def __init__(self, what, total, images_per_tick=1.0, steps=None):
+        self.what, self.total, self.per, self.steps = what, total, images_per_tick, steps
         self.done, self.printed, self.tty = 0, False, sys.stdout.isatty()
         self.start = self.shown = time.time()
 
     def tick(self):
         self.done += 1
-        now, finished = time.time(), self.done >= self.total
+        now, finished = time.time(), self.done == self.total
         if now - self.shown < (0.5 if self.tty else 5.0) and not (finished and self.printed):
             return
+        where = f"{self.done}/{self.total}"
+        if self.steps:
+            batch, step = divmod(self.done - 1, self.steps)
+            where = f"batch {batch + 1}/{self.total // self.steps}, step {step + 1}/{self.steps}"
         speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
         left = now - self.start if finished else (self.total - self.done) * self.per / speed
-        when = f"{left:.0f} s" if left < 90 else f"{left / 60:.1f} min"
-        line = f"{self.what}: {self.where(self.done)} | {speed:,.1f} images/s | "
-        line += f"{'took' if finished else 'ETA'} {when}"
+        line = f"{self.what}: {where} | {speed:,.1f} images/s | "
+        line += f"{'took' if finished else 'ETA'} {left:.0f} s"
         end = "\n" if finished or not self.tty else ""
         print(f"\r{line}\x1b[K" if self.tty else line, end=end, flush=True)
         self.shown, self.printed = now, True
@@ -796,12 +788,17 @@ class Watched:
     """The network as a sampler calls it: ticks progress; keeps x_t at the calls in keep."""
 
     def __init__(self, model, progress, keep=()):
-        self.model, self.progress, self.keep = model, progress, list(keep)
-        self.kept, self.calls = [], 0
+        self.model, self.progress, self.keep, self.kept, self.calls = (
+            model,
+            progress,
+            list(keep),
+            [],
+            0,
+        )
         self.training = model.training  # what check_eval reads
 
     def __call__(self, x_t, t):
-        self.kept += [x_t] * self.keep.count(self.calls)
+        self.kept += [x_t] * self.keep.count(self.calls)  # a sampler of few steps: repeated
         self.calls += 1
         self.progress.tick()
         return self.model(x_t, t)
@@ -817,140 +814,115 @@ def evenly_spaced(n, k=None):
 
 
 def load_dataset(name, data_dir, image_size, max_images=None):
-    """The training set as one uint8 tensor (N, C, H, W), H = W = image_size. cifar10, mnist and
-    fashion_mnist come from torchvision (downloaded on first use), the 28x28 ones padded to 32x32;
-    "folder" reads the images under data_dir. max_images: that many, spread over the set."""
+    """(images, labels, classes): the training set as uint8 (N, C, H, W), H = W = image_size, the
+    class of each image (N,) and the number of classes. cifar10, mnist and fashion_mnist come from
+    torchvision (downloaded on first use), the 28x28 ones padded to 32x32; "folder" reads the
+    images under data_dir. max_images: that many, spread over the set."""
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
-    ds = torchvision_dataset(name, data_dir)
-    x = torch.as_tensor(np.asarray(ds.data))  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
-    x = x[evenly_spaced(len(x), max_images)]
+    try:
+        dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
+        ds = dataset(data_dir, train=True, download=True)
+    except Exception as e:  # no internet, a proxy, a full disk: all end the same way
+        fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
+        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
+    keep = evenly_spaced(len(ds.data), max_images)
+    x = torch.as_tensor(np.asarray(ds.data))[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     if x.ndim == 4:
         x = x.permute(0, 3, 1, 2)  # (N, 3, 32, 32)
     else:
         x = F.pad(x[:, None], (2, 2, 2, 2))  # (N, 1, 32, 32): 2 black pixels on every side
     if x.shape[-1] != image_size:
         x = TF.resize(x, [image_size, image_size], antialias=True)  # (N, C, H, W)
-    return x.contiguous()
+    return x.contiguous(), torch.as_tensor(ds.targets)[keep], len(ds.classes)
 
 
-def torchvision_dataset(name, data_dir):
-    """A torchvision training set, downloaded into data_dir on first use."""
-    try:
-        dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
-        return dataset(data_dir, train=True, download=True)
-    except Exception as e:  # no internet, a proxy, a full disk: all end the same way
-        fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
-        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
+def load_image_folder(root, size, max_images=None, flag="--data-dir"):
+    """(images, labels, classes) as load_dataset, of the .png/.jpg files under root in a fixed
+    order, each resized to size (None: the first's) on its shorter side and centre-cropped, grey
+    if the first is; a class a subfolder (labels None where some image is in none)."""
+    from PIL import Image  # Pillow: installed with torchvision
 
-
-def image_files(root, max_images=None, flag="--data-dir"):
-    """The .png/.jpg files under root, in a fixed order; max_images: that many, spread over them."""
     if not root.is_dir():
         raise UserError(f"{flag} {root} is not a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise UserError(f"{flag} {root} holds no .png/.jpg/.jpeg images")
-    return [files[i] for i in evenly_spaced(len(files), max_images)]
+    files = [files[i] for i in evenly_spaced(len(files), max_images)]
+    with Image.open(files[0]) as im:  # the first image decides the channels (and the size)
+        mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+        size = size or min(im.size)
 
-
-def load_labels(name, data_dir, max_images=None):
-    """(y, num_classes): the class of each image of load_dataset (folder: its subfolder)."""
-    if name != "folder":
-        ds = torchvision_dataset(name, data_dir)
-        y = torch.as_tensor(ds.targets)
-        return y[evenly_spaced(len(y), max_images)], len(ds.classes)
-    root = Path(data_dir)
-    folders = [f.relative_to(root).parts[:-1][:1] for f in image_files(root, max_images)]
-    if () in folders:
-        raise UserError(f"--class-cond: --data-dir {root} has images outside class subfolders")
-    classes = sorted(set(folders))
-    if len(classes) < 2:
-        raise UserError(f"--class-cond needs two or more class subfolders in --data-dir {root}")
-    return torch.tensor([classes.index(f) for f in folders]), len(classes)
-
-
-def load_image_folder(root, image_size, max_images=None):
-    """Every .png/.jpg under root, resized and centre-cropped: (N, C, H, W), grey or RGB."""
-    files = image_files(root, max_images)
-    from PIL import Image  # Pillow: installed with torchvision
-
-    def read(path, mode=None):
+    def read(path):  # (C, size, size) uint8
         try:
             with Image.open(path) as im:
-                mode = mode or ("L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB")
-                x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3) uint8
+                x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3)
         except OSError as e:
             raise UserError(f"cannot decode image {path}: {e}")
         x = x.reshape(*x.shape[:2], -1).permute(2, 0, 1)  # (C, h, w)
-        x = TF.resize(x, image_size, antialias=True)  # the shorter side becomes image_size
-        return TF.center_crop(x, image_size)  # (C, image_size, image_size)
+        return TF.center_crop(TF.resize(x, size, antialias=True), size)
 
-    mode = "L" if read(files[0]).shape[0] == 1 else "RGB"  # the first image decides the channels
     progress, images = Progress(f"decoding {root}", len(files)), []
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        for x in pool.map(lambda p: read(p, mode), files):
+        for x in pool.map(read, files):
             images.append(x)
             progress.tick()
-    return torch.stack(images)  # (N, C, H, W)
+    folders = [f.relative_to(root).parts[0] if f.parent != root else None for f in files]
+    if None in folders:
+        return torch.stack(images), None, 0  # (N, C, H, W)
+    classes = sorted(set(folders))
+    return torch.stack(images), torch.tensor([classes.index(f) for f in folders]), len(classes)
 
 
 # --- The network on its device, and torch.compile ---------------------------------------------
-def build_model(cfg):
-    """The network a config describes, its size checked first on the meta device."""
+def build_model(config):
+    """The network a configuration describes, its size checked first on the meta device."""
     names = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
-    kwargs = {k: cfg[k] for k in (*names, "image_size")}
-    kwargs.update(in_channels=cfg["channels"], num_classes=cfg.get("num_classes", 0))
+    kwargs = {k: config[k] for k in (*names, "image_size")}
+    kwargs.update(in_channels=config["channels"], num_classes=config.get("num_classes", 0))
     flags = "--image-size, --base-channels, --channel-mult or --num-res-blocks"
     try:
         with torch.device("meta"):
-            size = count_parameters(MODELS[cfg["model"]](**kwargs))
+            size = count_parameters(MODELS[config["model"]](**kwargs))
     except ValueError as e:
         raise UserError(f"{e} (flags {flags})")
     if size > 2**32:  # 16 GiB of float32 weights, and three times that with Adam's state
         raise UserError(f"that network would have {size:,} parameters, too many: lower {flags}")
-    return MODELS[cfg["model"]](**kwargs)
+    return MODELS[config["model"]](**kwargs)
 
 
-def setup_device(args):
-    """Resolve --device and --amp into a torch.device and an autocast dtype (None: float32)."""
-    name = args.device
+def setup_device(name, amp):
+    """(device, autocast dtype or None: float32) for --device and --amp."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-        name = "mps" if name == "cpu" and torch.backends.mps.is_available() else name
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: PyTorch sees no CUDA GPU here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: this PyTorch has no Apple GPU support; use --device cpu")
+    if amp == "auto":  # NOTE(paper): bf16 autocast on CUDA (float32 master weights)
+        amp = "bf16" if name == "cuda" else "none"
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per torchrun process
         torch.cuda.set_device(name)
         torch.backends.cudnn.benchmark = True  # shapes never change: cuDNN picks the fastest conv
         torch.set_float32_matmul_precision("high")  # float32 matmuls may use TF32 tensor cores
-    device = torch.device(name)
-    # NOTE(paper): bf16 autocast on CUDA by default (float32 master weights); --amp none: float32
-    amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs --device cuda; use --amp bf16 or --amp none")
-    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    return torch.device(name), {"bf16": torch.bfloat16, "none": None}[amp]
 
 
-def prepare_network(net, device):
+def to_device(net, device):
     """A network on its device; on CUDA channels_last (NHWC), as tensor cores want."""
-    net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net.to(device)
 
 
-def maybe_compile(module, args, cuda_graphs=False):
+def compile_model(module, mode, cuda_graphs=False):
     """torch.compile in --compile's mode (None: off); auto adds CUDA graphs where they may run."""
-    if not args.compile:
-        return module
-    auto = "reduce-overhead" if cuda_graphs else "default"  # graphs replay a step's many kernels
-    return torch.compile(module, mode=auto if args.compile == "auto" else args.compile)
+    if mode == "auto":  # CUDA graphs replay a step's many small kernels as one
+        mode = "reduce-overhead" if cuda_graphs else "default"
+    return module if mode is None else torch.compile(module, mode=mode)
 
 
-# --- Checkpoints, samplers and pictures -------------------------------------------------------
-CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested, every rank's random state
+# --- Checkpoints and records --------------------------------------------------------------------
+CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested
 
 
 def save_checkpoint(path, state):
@@ -975,9 +947,6 @@ def load_checkpoint(path, mmap=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"cannot load {path}: truncated, or not from ddpm.py ({first_line(e)})")
-    if isinstance(ckpt, dict) and ckpt.get("format") == "ddpm.py checkpoint 1":
-        fix = "sample or resume it with the ddpm.py that wrote it (the README says which)"
-        raise UserError(f"{path} is a format-1 checkpoint, whose layers had other names; {fix}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise UserError(f"{path} is a torch file but not a ddpm.py checkpoint")
     return ckpt
@@ -993,61 +962,100 @@ def prepare_out_dir(path):
         raise UserError(f"--out-dir {path} is not writable ({e.strerror or e})")
 
 
-def save_grid(x, path, nrow):
+def add_record(path, record):
+    """Append a record to the JSON list in path, whole or not at all (a temporary file renamed)."""
+    records = json.loads(path.read_text()) if path.is_file() else []
+    path.with_name(path.name + ".tmp").write_text(json.dumps(records + [record], indent=1))
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+# --- Samplers and pictures ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How images are drawn, said the same way wherever it is printed or recorded."""
+
+    name: str  # ddpm (Alg. 2), ddim or dpm++
+    steps: int  # network evaluations per image
+    eta: float = 0.0  # DDIM's noise
+    variance: str = "fixedlarge"  # ddpm's sigma_t^2
+    guidance: float = None  # classifier-free guidance w; None: an unconditional model
+
+    def __str__(self):
+        extra = {"ddim": f", eta {self.eta:g}", "ddpm": f", {self.variance}"}.get(self.name, "")
+        if self.guidance is not None:
+            extra += f", guidance w = {self.guidance:g}"
+        return f"{self.name}, {self.steps} steps{extra}"
+
+
+def choose_sampler(name, steps, eta, variance, guidance, num_timesteps, device):
+    """The Sampler that --sampler, --sample-steps, --eta, --variance and --guidance describe. auto:
+    Algorithm 2 on a GPU; elsewhere DDIM with eta 1 at 100 steps, which drew recognisable images
+    earlier in training than DPM-Solver++ did (README, Samplers)."""
+    if name == "auto" and device.type == "cuda":
+        name = "ddpm"
+    elif name == "auto":
+        name, eta = "ddim", 1.0
+    if name == "ddpm":
+        steps = num_timesteps
+    elif steps is None:
+        steps = min(100 if name == "ddim" else 20, num_timesteps)
+    elif steps > num_timesteps:
+        raise UserError(f"--sample-steps {steps}: more than the model's T = {num_timesteps}")
+    return Sampler(name, steps, eta, variance, guidance)
+
+
+def run_sampler(diffusion, model, x_T, sampler, amp, generator, progress, keep=()):
+    """Sample from x_T with a Sampler, the network under autocast(amp); progress ticks once per
+    network evaluation. Returns (x_0, the x_t of the evaluations numbered in keep)."""
+    net, shape, K = Watched(model, progress, keep), x_T.shape, sampler.steps
+    with torch.autocast(x_T.device.type, dtype=amp, enabled=amp is not None):
+        if sampler.name == "ddpm":
+            x_0 = p_sample_loop(diffusion, net, shape, True, sampler.variance, x_T, generator)
+        elif sampler.name == "ddim":
+            x_0 = ddim_sample_loop(diffusion, net, shape, K, sampler.eta, True, x_T, generator)
+        else:
+            x_0 = dpm_solver_sample_loop(diffusion, net, shape, K, x_T=x_T)
+    return x_0, net.kept
+
+
+def save_grid(x, path, nrow=8):
     """Save images in [-1, 1] as one PNG grid with nrow images per row."""
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
-def sampler_plan(args, num_timesteps, device):
-    """(sampler, network evaluations); auto: Algorithm 2 on a GPU, DPM-Solver++ elsewhere."""
-    name = args.sampler if args.sampler != "auto" else "ddpm" if device.type == "cuda" else "dpm++"
-    fast = args.sample_steps or {"ddim": 100, "dpm++": 20}.get(name)  # their default steps
-    return name, num_timesteps if name == "ddpm" else fast
+def draw_pictures(model, diffusion, sampler, x_T, amp, seed, path, rows=()):
+    """A grid of the samples from x_T at path (the same z from seed every time); rows: also
+    reverse_process.png beside it, a row for each of those images: x_t at 9 evenly spaced sampler
+    steps from pure noise, then x_0."""
+    progress = Progress(f"{path.name} ({sampler})", sampler.steps, len(x_T) / sampler.steps)
+    generator = torch.Generator(x_T.device).manual_seed(seed)
+    keep = [i * sampler.steps // 9 for i in range(9)] if rows else []
+    x_0, kept = run_sampler(diffusion, model, x_T, sampler, amp, generator, progress, keep)
+    save_grid(x_0, path)
+    if rows:
+        xs = torch.stack([*kept, x_0])[:, list(rows)]  # (10, rows, C, H, W)
+        save_grid(xs.transpose(0, 1).flatten(0, 1), path.with_name("reverse_process.png"), 10)
 
 
-def sampling_progress(what, args, num_timesteps, device, batch, batches=1):
-    """A Progress over every network evaluation of `batches` sampler runs of `batch` images."""
-    name, K = sampler_plan(args, num_timesteps, device)
-    where = lambda k: f"batch {(k - 1) // K + 1}/{batches}, step {(k - 1) % K + 1}/{K}"  # noqa: E731
-    return Progress(f"{what} ({name}, {K} steps)", batches * K, batch / K, where)
-
-
-def sampler_name(args, num_timesteps, device):
-    """The sampler in words, as fid.csv and fid.json record it: e.g. "ddim 100 steps eta 1"."""
-    name, steps = sampler_plan(args, num_timesteps, device)
-    return f"{name} {steps} steps" + {"ddim": f" eta {args.eta:g}"}.get(name, "")
-
-
-def run_sampler(diffusion, model, x_T, args, dtype, generator, progress=None, keep=()):
-    """Sample from x_T with --sampler, the network under autocast(dtype); progress ticks once per
-    network evaluation; keep (evaluation numbers): also return the x_t they saw, (K, B, C, H, W)."""
-    name, steps = sampler_plan(args, diffusion.num_timesteps, x_T.device)
-    T, shape = diffusion.num_timesteps, x_T.shape
-    progress = progress or sampling_progress("sampling", args, T, x_T.device, len(x_T))
-    net = Watched(model, progress, keep)
-    with torch.autocast(x_T.device.type, dtype=dtype, enabled=dtype is not None):
-        if name == "ddpm":
-            x_0 = p_sample_loop(diffusion, net, shape, True, args.variance, x_T, generator)
-        elif name == "ddim":
-            x_0 = ddim_sample_loop(diffusion, net, shape, steps, args.eta, True, x_T, generator)
-        else:
-            x_0 = dpm_solver_sample_loop(diffusion, net, shape, steps, x_T=x_T)
-    return (x_0, torch.stack(net.kept)) if keep else x_0
-
-
-def save_samples_and_trajectory(diffusion, model, x_T, args, dtype, out_dir, rows=range(8)):
-    """The sample grid from a fixed x_T, and the progressive-generation picture: a row for each
-    image in rows, x_t at 9 evenly spaced sampler steps from pure noise, then x_0."""
-    T, device = diffusion.num_timesteps, x_T.device
-    K = sampler_plan(args, T, device)[1]
-    progress = sampling_progress("final pictures", args, T, device, len(x_T))
-    generator = torch.Generator(device).manual_seed(args.seed)  # the same z every time
-    keep = [i * K // 9 for i in range(9)]
-    x_0, xs = run_sampler(diffusion, model, x_T, args, dtype, generator, progress, keep)
-    save_grid(x_0, out_dir / "samples.png", nrow=8)
-    rows = torch.cat([xs[:, list(rows)], x_0[None, list(rows)]]).transpose(0, 1)  # (8, 10, C, H, W)
-    save_grid(rows.flatten(0, 1), out_dir / "reverse_process.png", nrow=rows.shape[1])
-    return out_dir / "samples.png"
+def generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels=None, classes=0):
+    """n images (n, C, H, W) uint8 of shape (C, H, W), in whole batches, from seed: x_T drawn on
+    the CPU (the same on every device), each step's z on the device. labels (n,): the classes to
+    draw from a class-conditional model of `classes` classes, guided by sampler.guidance."""
+    device, batch = diffusion.betas.device, min(batch_size, n)
+    x_T_generator = torch.Generator().manual_seed(seed)
+    z_generator = torch.Generator(device).manual_seed(seed)
+    batches, K = math.ceil(n / batch), sampler.steps
+    progress = Progress(f"sampling {n} images ({sampler})", batches * K, batch / K, steps=K)
+    images = []
+    for start in range(0, batches * batch, batch):
+        x_T = torch.randn((batch, *shape), generator=x_T_generator).to(device)
+        eps_model = model
+        if labels is not None:
+            y = labels[torch.arange(start, start + batch) % n].to(device)  # (batch,)
+            eps_model = Guided(model, y, sampler.guidance, classes)
+        x_0, _ = run_sampler(diffusion, eps_model, x_T, sampler, amp, z_generator, progress)
+        images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+    return torch.cat(images)[:n]  # (n, C, H, W), [-1, 1] -> {0..255}
 
 
 # --- FID  [Heusel et al. 2017]: Inception features of samples against the training set's --------
@@ -1057,30 +1065,29 @@ FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # where pytorch-fid looks 
 
 def inception(device):
     """The network papers report FID with, from pytorch-fid (an optional extra): images (B, 3, H, W)
-    in [0, 1] -> pool3 features (B, 2048). It resizes to 299x299 and rescales them itself."""
+    in [0, 1] -> pool3 features (B, 2048, 1, 1). It resizes to 299x299 and rescales them itself."""
     try:
         from pytorch_fid.inception import InceptionV3
     except ImportError:
         raise UserError("FID needs the pytorch-fid package: pip install pytorch-fid")
     try:
-        net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
+        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
     except OSError as e:  # it downloads its weights on first use
         where = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
         fix = f"put {FID_WEIGHTS} (pytorch-fid's GitHub releases) at {where}"
         raise UserError(f"pytorch-fid could not get its Inception weights ({first_line(e)}); {fix}")
-    return lambda x: net(x)[0].flatten(1)
 
 
 @torch.no_grad()
-def feature_statistics(features, images, device, what):
-    """(mu, sigma): the mean and covariance, in float64, of the features of uint8 images (N, C, H,
-    W), which reach the network as a PNG file reaches pytorch-fid: RGB floats in [0, 1]."""
-    progress, batches = Progress(f"features of {what}", math.ceil(len(images) / 250), 250), []
+def feature_statistics(network, images, device, what):
+    """(mu, sigma): the mean and covariance, in float64, of the network's features of uint8 images
+    (N, C, H, W), which reach it as a PNG file reaches pytorch-fid: RGB floats in [0, 1]."""
+    progress, features = Progress(f"features of {what}", math.ceil(len(images) / 250), 250), []
     for batch in images.split(250):
         x = batch.to(device).float().div(255).expand(-1, 3, -1, -1)  # grey: 3 equal channels
-        batches.append(features(x).double().cpu())
+        features.append(network(x)[0].flatten(1).double().cpu())  # (B, 2048)
         progress.tick()
-    f = torch.cat(batches)  # (N, D)
+    f = torch.cat(features)  # (N, D)
     return f.mean(0), f.T.cov()  # cov: unbiased, as numpy's
 
 
@@ -1091,11 +1098,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root)
 
 
-def reference_statistics(args, size, features, device):
-    """(mu, sigma, where from): --ref-stats, or those of the training set at size x size, computed
-    once and cached beside it in --data-dir (the paper's reference: all 50,000 CIFAR-10 images)."""
-    path = Path(args.ref_stats or Path(args.data_dir) / f"fid_stats_{args.dataset}_{size}px.npz")
-    if args.ref_stats or path.is_file():
+def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
+    """(mu, sigma, where from): those in the npz ref_stats, or those of the training set at size x
+    size, computed once and cached in data_dir (the paper's reference: all 50,000 CIFAR-10
+    training images)."""
+    path = Path(ref_stats or Path(data_dir) / f"fid_stats_{dataset}_{size}px.npz")
+    if ref_stats or path.is_file():
         try:
             with np.load(path) as f:
                 mu, sigma, saved = f["mu"], f["sigma"], int(f.get("image_size", size))
@@ -1105,81 +1113,90 @@ def reference_statistics(args, size, features, device):
         if saved != size:
             raise UserError(f"{path} holds statistics of {saved}x{saved} images; these are {size}")
         return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"{n} in {path}"
-    images = load_dataset(args.dataset, args.data_dir, size)
-    mu, sigma = feature_statistics(features, images, device, f"the {args.dataset} training set")
-    with contextlib.suppress(OSError):  # whole or not at all; a read-only --data-dir: not cached
-        stats = dict(mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
-        np.savez(tmp := path.with_suffix(".tmp.npz"), **stats)
+    images = load_dataset(dataset, data_dir, size)[0]
+    mu, sigma = feature_statistics(network, images, device, f"the {dataset} training set")
+    where = f"{len(images):,} {dataset} training images"
+    tmp = path.with_suffix(".tmp.npz")
+    try:  # whole or not at all; a read-only data_dir: not cached
+        np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
         os.replace(tmp, path)
-    return mu, sigma, f"{len(images):,} {args.dataset} training images, cached in {path}"
+        where += f", cached in {path}"
+    except OSError:
+        pass
+    return mu, sigma, where
 
 
-# --- train: Algorithm 1 with checkpoints, resume, logs, signals, NaN guards and DDP around it ---
-def build_training(args, channels, device, amp=None, world=1, flip=True):
-    """(run, diffusion): Part III's Training of the flags' network, DDP and compile."""
-    net = prepare_network(build_model({**vars(args), "channels": channels}), device)
-    recipe = dict(grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed, flip=flip)
-    run = make_training(net, args.lr, args.warmup, amp, batch_size=args.batch_size, **recipe)
+# --- train: Part III's iteration with checkpoints, resume, logs, signals, NaN guards and DDP ---
+def run_config(typed, saved):
+    """The network, schedule and data of a run (PAPER's keys): on --resume the checkpoint's
+    (saved), which a typed flag (not None) must agree with, --data-dir aside (data may move); for
+    a new run the typed flags, and PAPER's values for the others."""
+    config = {}
+    for key, default in PAPER.items():
+        config[key] = default if saved is None else saved.get(key, default)
+        if saved is not None and typed[key] not in (None, config[key]) and key != "data_dir":
+            flag = f"--{key.replace('_', '-')} {typed[key]}"
+            fix = "drop it, or start a new run in another --out-dir"
+            raise UserError(f"--resume: {flag} contradicts the checkpoint's {config[key]}; {fix}")
+        if typed[key] is not None:
+            config[key] = typed[key]
+    return config
+
+
+def build_training(config, device, amp, compile_mode, world=1, **recipe):
+    """(training, diffusion, model): Part III's Training of the configured network (recipe: that
+    of make_training), its schedule, and the network as the iteration calls it: in DDP over world
+    processes, compiled in compile_mode."""
+    net = to_device(build_model(config), device)
+    training = make_training(net, amp=amp, **recipe)
+    diffusion = GaussianDiffusion(SCHEDULES[config["schedule"]](config["timesteps"])).to(device)
+    model = net
     if world > 1:  # gradients averaged over the processes during backward
-        ids = [device.index] if device.type == "cuda" else None
-        run.model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    cuda_graphs = device.type == "cuda" and world == 1  # DDP's hooks rule CUDA graphs out
-    run.model = maybe_compile(run.model, args, cuda_graphs)
-    diffusion = GaussianDiffusion(SCHEDULES[args.schedule](args.timesteps)).to(device)
-    return run, diffusion
+        model = nn.parallel.DistributedDataParallel(net)
+    model = compile_model(model, compile_mode, cuda_graphs=device.type == "cuda" and world == 1)
+    return training, diffusion, model
 
 
-RESUME_MAY_CHANGE = {  # the flags a --resume may change; the others come from the checkpoint
-    *"epochs max_steps data_dir device amp compile wandb ckpt_every ckpt_minutes".split(),
-    *"sample_every log_every sampler sample_steps eta variance guidance".split(),
-    *"fid_every fid_samples ref_stats".split(),
-}
+def training_data(config, device):
+    """(images, labels, classes) of a run's dataset on the device; (images, None, 0) unless it is
+    class-conditional."""
+    data, labels, classes = load_dataset(
+        config["dataset"], config["data_dir"], config["image_size"]
+    )
+    if not config["class_cond"]:
+        return data.to(device), None, 0
+    if classes < 2:
+        raise UserError("--class-cond needs 2 or more classes, a subfolder each of --data-dir")
+    return data.to(device), labels.to(device), classes
 
 
-def resume_config(args, ckpt):
-    """Fill the flags not typed from the checkpoint; refuse a typed one that contradicts it."""
-    for key, saved in ckpt["config"].items():
-        if key in ("resume", "out_dir") or not hasattr(args, key):
-            continue
-        if key not in args.explicit:
-            setattr(args, key, saved)
-        elif key not in RESUME_MAY_CHANGE and getattr(args, key) != saved:
-            flag = f"--{key.replace('_', '-')} {getattr(args, key)}"
-            fix = "drop it, or use another --out-dir"
-            raise UserError(f"--resume: {flag} contradicts the checkpoint's {saved}; {fix}")
+LOG = ["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]  # log.csv
+FID_LOG = ["step", "images_seen", "fid", "samples", "sampler", "seconds"]  # fid.csv
 
 
-def open_run(args, out_dir, world, rank):
-    """Check the flags against the folder before any work. Returns the checkpoint to resume (None
-    for a new run), whose configuration then fills the flags not typed, and wandb (None if off)."""
-    ckpt_path = out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if ckpt:
-        resume_config(args, ckpt)
-    elif ckpt_path.exists():
-        raise UserError(f"{ckpt_path} exists: add --resume to continue it, or another --out-dir")
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must divide among the {world} processes")
-    if args.sample_steps and not 2 <= args.sample_steps <= args.timesteps:
-        raise UserError(f"--sample-steps must be between 2 and --timesteps {args.timesteps}")
-    if rank == 0 and args.wandb:
-        try:
-            import wandb  # optional extra, imported only when asked for
-        except ImportError:
-            raise UserError("--wandb needs the wandb package: pip install wandb")
-    if rank == 0:
-        prepare_out_dir(out_dir)
-    return ckpt, wandb if rank == 0 and args.wandb else None
+def open_csv(path, columns, step, resumed):
+    """A CSV file opened to write: its columns and, when resumed, its old rows up to step."""
+    rows = [columns]
+    if resumed and path.exists():
+        with open(path, newline="") as f:
+            rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
+    file = open(path, "w", newline="", buffering=1)  # line-buffered: each row on disk at once
+    csv.writer(file).writerows(rows)
+    return file
 
 
 @contextlib.contextmanager
 def stop_on_signals():
     """Ctrl-C and SIGTERM only note themselves in the list it yields; an ignored SIGINT stays so."""
     requested, previous = [], {}
+
+    def note(signum, frame):
+        requested.append(signum)
+
     if threading.current_thread() is threading.main_thread():  # where signals are delivered
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:
-                previous[sig] = signal.signal(sig, lambda signum, frame: requested.append(signum))
+                previous[sig] = signal.signal(sig, note)
     try:
         yield requested
     finally:
@@ -1187,376 +1204,298 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def reopen_csv(path, columns, step, resumed):
-    """A CSV file opened to write: its columns and, when resumed, its old rows up to step."""
-    rows = [columns]
-    if resumed and path.exists():
-        with open(path, newline="") as f:
-            rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
-    file = open(path, "w", newline="")
-    csv.writer(file).writerows(rows)
-    return file
+def agree(numbers, world, device):
+    """Each number as its maximum over the processes, so that all take the same decisions."""
+    if world == 1:
+        return numbers
+    numbers = torch.tensor(numbers, device=device)
+    dist.all_reduce(numbers, dist.ReduceOp.MAX)
+    return numbers.tolist()
 
 
-class Run:
-    """A training run between two steps: its state, its files, clocks and processes."""
+def parts(training):
+    """What a checkpoint saves the state of, by its key there."""
+    t = training
+    return dict(model=t.net, ema=t.ema, optimizer=t.optimizer, scheduler=t.scheduler)
 
-    def __init__(self, args, data, device, amp, out_dir, world, rank, wandb=None, labels=None):
-        self.args, self.device, self.amp, self.world, self.rank = args, device, amp, world, rank
-        self.wandb, self.data_shape = wandb, tuple(data.shape)
-        self.ckpt_path, self.out_dir = out_dir / "ckpt.pt", out_dir
-        N, C, H, W = data.shape
-        self.steps_per_epoch = N // args.batch_size  # NOTE(paper): full batches only
-        if self.steps_per_epoch == 0:
-            raise UserError(f"--batch-size {args.batch_size} is more than the {N} images there are")
-        self.total_steps = min(args.epochs * self.steps_per_epoch, args.max_steps or math.inf)
-        flip = args.dataset in ("cifar10", "folder") and not args.no_flip  # natural images only
-        self.training, self.diffusion = build_training(args, C, device, amp, world, flip)
-        K = args.num_classes  # class-conditional: one row of 8 per class in every grid
-        self.training.labels = label_dropout(labels.to(device), K, args.cond_drop) if K else None
-        self.grid_y = torch.arange(8 * K, device=device) // 8 if K else None
-        self.config = {k: v for k, v in vars(args).items() if k not in ("explicit", "command")}
-        self.config.update(channels=C, out_dir=str(out_dir))
-        self.fid = None  # --fid-every: the network and the reference now, so errors come first
-        if args.fid_every and rank == 0:
-            features = inception(device)
-            self.fid = (features, *reference_statistics(args, H, features, device)[:2])
-            auto = dict(sampler="ddim", eta=1.0, sample_steps=min(100, args.timesteps))  # measured
-            more = dict(auto if args.sampler == "auto" else {}, batch_size=500, label=None)
-            self.fid_args = argparse.Namespace(**{**vars(args), **more})
-        self.step = self.saved_step = self.speed_step = self.logged_step = 0
-        self.elapsed_before, self.started = 0.0, time.time()
-        self.saved_at = self.logged_at = self.speed_from = self.started
-        self.loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
-        self.bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss
-        # a fixed x_T for every grid, so that grids are comparable
-        generator = torch.Generator().manual_seed(args.seed)
-        self.grid_x_T = torch.randn((8 * K or 64, C, H, W), generator=generator).to(device)
-        # the processes agree over Gloo, on the CPU, so that an agreement never waits for a GPU
-        gloo = world > 1 and device.type == "cuda"
-        self.control = dist.new_group(backend="gloo") if gloo else None
 
-    def restore(self, ckpt):
-        """Continue from a checkpoint (or, new, seed each process's random streams)."""
-        torch.manual_seed(self.args.seed + self.rank)  # a different t, eps, flip, dropout per rank
-        if not ckpt:
-            return
-        for key, part in self.parts().items():
-            if ckpt[key]:  # an empty scaler state (saved without fp16): fp16 starts a fresh scale
-                part.load_state_dict(ckpt[key])
-        self.step = self.saved_step = self.speed_step = self.logged_step = ckpt["step"]
-        self.elapsed_before, rng = ckpt["elapsed"], ckpt["rng"]
-        if len(rng["torch"]) == self.world:  # each rank continues its own random streams exactly
-            torch.set_rng_state(rng["torch"][self.rank])
-            if self.device.type == "cuda" and rng["cuda"][self.rank] is not None:
-                torch.cuda.set_rng_state(rng["cuda"][self.rank], self.device)
-        else:
-            torch.manual_seed(self.args.seed + self.rank + self.world * self.step)
-            if self.rank == 0:
-                note = f"saved by {len(rng['torch'])} processes, resumed by {self.world}"
-                print(f"note: {note}: new random streams")
+def restore(training, ckpt, seed, rank, world, device):
+    """(step, elapsed seconds): 0 for a new run, whose processes seed their random streams each;
+    a resumed one loads its parts and, on one process, continues its random streams exactly
+    (several processes start new ones)."""
+    torch.manual_seed(seed + rank)  # a different t, eps, flip and dropout per process
+    if ckpt is None:
+        return 0, 0.0
+    for key, part in parts(training).items():
+        part.load_state_dict(ckpt[key])
+    torch.manual_seed(seed + rank + world * ckpt["step"])
+    if world == 1:
+        torch.set_rng_state(ckpt["rng"]["torch"][0])
+        if device.type == "cuda" and ckpt["rng"]["cuda"][0] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
+    return ckpt["step"], ckpt["elapsed"]
 
-    def open_log(self, resumed):
-        """log.csv, with the rows up to the checkpoint's step; and the first lines."""
-        args, step, total = self.args, self.step, self.total_steps
-        columns = ["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]
-        self.log_file = reopen_csv(self.out_dir / "log.csv", columns, step, resumed)
-        columns = ["step", "images_seen", "fid", "samples", "sampler", "seconds"]
-        self.fid_file = self.fid and reopen_csv(self.out_dir / "fid.csv", columns, step, resumed)
-        if self.wandb:
-            where = dict(dir=str(self.out_dir), resume="allow")  # a resumed run continues its page
-            self.wandb.init(project="ddpm.py", config=self.config, **where)
-        what = f"{args.model} ({count_parameters(self.training.net):,} parameters)"
-        size = "x".join(map(str, self.data_shape))  # N x C x H x W
-        how = f"{self.device}, amp {self.amp}, compile {args.compile}"
-        print(f"training {what} on {args.dataset} {size}, {how}; step {step}/{total}")
-        if args.warmup > total / 2:
-            late = "never reaches" if args.warmup > total else "is late to reach"
-            tip = f"a short run trains better with a short one, e.g. --warmup {max(1, total // 10)}"
-            note = f"the learning-rate warm-up (--warmup {args.warmup}) is more than half of"
-            print(f"note: {note} this run's {total} steps, so lr {late} --lr {args.lr:g}; {tip}")
 
-    def agree(self, *flags):
-        """Each flag as its maximum over the processes: all take the same decision."""
-        if self.world == 1:
-            return flags
-        flags = torch.tensor([int(f) for f in flags])
-        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.control)
-        return flags.tolist()
+def checkpoint(path, training, state, bad_step, saved_step, world, rank, device):
+    """Save state and the parts' states on rank 0 (tensors and plain values: it loads with
+    weights_only=True), once every process has checked that no loss went non-finite since the
+    last save; if rank 0 cannot write, every process stops with its message."""
+    bad = agree([int(bad_step)], world, device)[0]  # reads the GPU, as log rows do
+    if bad >= 0:
+        what = f"the loss or its gradient became NaN or infinite at step {bad}; stopped"
+        fix = "try --amp none or a lower --lr"
+        raise UserError(f"{what} without saving, so {path} still holds step {saved_step} ({fix})")
+    cuda = device.type == "cuda"
+    rng = dict(torch=[torch.get_rng_state()], cuda=[torch.cuda.get_rng_state() if cuda else None])
+    state = dict(state, format=CKPT_FORMAT, rng=rng)
+    state.update({key: part.state_dict() for key, part in parts(training).items()})
+    error = ""  # rank 0's, which every process stops with
+    try:
+        if rank == 0:
+            save_checkpoint(path, state)
+    except UserError as e:  # a full disk
+        error = str(e)
+    if agree([int(bool(error))], world, device)[0]:
+        raise UserError(error or "rank 0 could not write the checkpoint")
 
-    def after_step(self, loss, grad_norm):
-        """Count the step, its loss, and whether it went bad, without waiting for the GPU."""
-        self.step += 1
-        self.loss_sum += loss
-        fp16 = self.training.scaler.is_enabled()  # whose scaler skips a non-finite gradient
-        finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | fp16)
-        self.bad_step = torch.where(finite | (self.bad_step >= 0), self.bad_step, self.step)
 
-    def decide(self, stop_requested, log_row):
-        """(stop, save), the same on every process: they agree every 10 steps and at log rows.
-        A bad step seen at a log row saves, that is, refuses to save and says why."""
-        args, step = self.args, self.step
-        every = args.ckpt_every and step % args.ckpt_every == 0
-        scheduled = bool(every) or step == self.total_steps
-        if self.world > 1 and not log_row and step % 10:
-            return False, scheduled
-        minutes = (time.time() - self.saved_at) / 60
-        due = self.rank == 0 and args.ckpt_minutes and minutes >= args.ckpt_minutes
-        bad = log_row and int(self.bad_step) >= 0  # reads the GPU, as log rows do anyway
-        stop, due, bad = self.agree(bool(stop_requested), due, bad)
-        return stop, bool(due or bad or scheduled)
+def log_line(file, wandb, row, total_steps, batch):
+    """A log.csv row (step, epoch, loss, lr, grad_norm, images/s, elapsed s), the console line with
+    the time left, and W&B's points."""
+    step, epoch, loss, lr, grad_norm, speed, elapsed = row
+    row = [step, epoch, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}", f"{speed:.1f}"]
+    csv.writer(file).writerow(row + [f"{elapsed:.1f}"])
+    eta = (total_steps - step) * batch / max(speed, 1e-9) / 60
+    line = f"step {step}/{total_steps} | epoch {epoch} | loss {loss:.4f} | {speed:,.0f} img/s"
+    print(f"{line} | lr {lr:.3e} | ETA {eta:.1f} min", flush=True)
+    if wandb:
+        wandb.log(dict(loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=speed), step=step)
 
-    def due(self, every):
-        """At the end of every every-th epoch (never if every is 0): --sample-every, --fid-every."""
-        epoch, into_epoch = divmod(self.step, self.steps_per_epoch)
-        return every and not into_epoch and epoch % every == 0
 
-    def checkpoint(self):
-        """Save on rank 0, once all ranks checked that no loss or gradient went non-finite."""
-        bad = self.agree(int(self.bad_step))[0]  # reads the GPU, as only log rows do besides
-        if bad >= 0:
-            what = f"the loss or its gradient became NaN or infinite at step {bad}; stopped"
-            kept = f"{self.ckpt_path} still holds step {self.saved_step}"
-            raise UserError(f"{what} without saving, so {kept} (try --amp none or a lower --lr)")
-        cuda = self.device.type == "cuda"
-        states = [torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None]
-        ranks = [states] * self.world
-        if self.world > 1:  # every rank's random states: a resumed run is the uninterrupted one
-            dist.all_gather_object(ranks, states, group=self.control)
-        error = ""  # rank 0's message: an exception kept here would keep this frame (and DDP) alive
-        try:
-            if self.rank == 0:
-                save_checkpoint(self.ckpt_path, self.state(ranks))
-        except UserError as e:  # a full disk: every rank stops, rank 0 says why
-            error = str(e)
-        if self.agree(bool(error))[0]:
-            raise UserError(error or "rank 0 could not write the checkpoint")
-        self.saved_step, self.saved_at = self.step, time.time()
-
-    def parts(self):
-        """What a checkpoint saves the state_dict() of, by its key there."""
-        run, keys = self.training, ("model", "ema", "optimizer", "scheduler", "scaler")
-        return dict(zip(keys, (run.net, run.ema, run.optimizer, run.scheduler, run.scaler)))
-
-    def state(self, ranks):
-        """What ckpt.pt holds: tensors and plain values only (it loads with weights_only=True)."""
-        elapsed = self.elapsed_before + time.time() - self.started
-        state = dict(format=CKPT_FORMAT, config=self.config, step=self.step, elapsed=elapsed)
-        state.update({key: part.state_dict() for key, part in self.parts().items()})
-        rng = {"torch": [r[0] for r in ranks], "cuda": [r[1] for r in ranks]}
-        return dict(state, epoch=self.step // self.steps_per_epoch, rng=rng)
-
-    def write_log(self, grad_norm):
-        """A log.csv row and a console line, from tensors read here only."""
-        now, step, wandb = time.time(), self.step, self.wandb
-        loss = self.loss_sum.item() / max(step - self.logged_step, 1)
-        self.loss_sum.zero_()
-        speed = (step - self.speed_step) * self.args.batch_size / max(now - self.speed_from, 1e-9)
-        lr = self.training.scheduler.get_last_lr()[0]
-        elapsed = self.elapsed_before + now - self.started
-        row = [step, step // self.steps_per_epoch, f"{loss:.6f}", f"{lr:.3e}"]
-        row += [f"{float(grad_norm):.4f}", f"{speed:.1f}", f"{elapsed:.1f}"]
-        csv.writer(self.log_file).writerow(row)
-        self.log_file.flush()
-        self.logged_step, self.logged_at, self.speed_step, self.speed_from = step, now, step, now
-        if wandb:
-            metrics = dict(loss=loss, lr=lr, grad_norm=float(row[4]), images_per_s=speed)
-            wandb.log(metrics, step=step)
-        eta = (self.total_steps - step) * self.args.batch_size / max(speed, 1e-9) / 60
-        line = f"step {step}/{self.total_steps} | epoch {row[1]} | loss {loss:.4f} | "
-        print(line + f"{speed:,.0f} img/s | lr {row[3]} | ETA {eta:.1f} min", flush=True)
-
-    def save_grid(self):
-        """A grid of samples from the EMA weights and the fixed x_T, kept out of images/s."""
-        epoch = self.step // self.steps_per_epoch
-        (self.out_dir / "grids").mkdir(exist_ok=True)
-        path = self.out_dir / "grids" / f"epoch_{epoch:04d}.png"
-        T, x_T, model = self.diffusion.num_timesteps, self.grid_x_T, self.guided(self.training.ema)
-        progress = sampling_progress(f"grid for epoch {epoch}", self.args, T, self.device, len(x_T))
-        generator = torch.Generator(self.device).manual_seed(self.args.seed)
-        x_0 = run_sampler(self.diffusion, model, x_T, self.args, self.amp, generator, progress)
-        save_grid(x_0, path, nrow=8)
-        if self.wandb:
-            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
-        self.speed_step, self.speed_from = self.step, time.time()
-
-    def measure_fid(self):
-        """FID of --fid-samples images from the EMA weights: a fid.csv row, a line, a W&B point;
-        its time is kept out of images/s."""
-        args, t0, (features, mu, sigma) = self.fid_args, time.time(), self.fid
-        n, device, seen = args.fid_samples, self.device, self.step * self.args.batch_size
-        images = generate(self.training.ema, self.diffusion, self.config, args, device, self.amp, n)
-        fid = frechet_distance(*feature_statistics(features, images, device, "samples"), mu, sigma)
-        sampler = sampler_name(args, self.diffusion.num_timesteps, device)
-        row = [self.step, seen, f"{fid:.4f}", n, sampler, f"{time.time() - t0:.1f}"]
-        csv.writer(self.fid_file).writerow(row)
-        self.fid_file.flush()
-        what = f"{n:,} samples, {sampler}, {row[-1]} s"
-        print(f"FID {fid:.2f} at step {self.step} ({seen:,} images seen; {what})", flush=True)
-        if self.wandb:
-            self.wandb.log({"fid": fid}, step=self.step)
-        self.speed_step, self.speed_from = self.step, time.time()
-
-    def guided(self, model):
-        """The EMA network as the grids sample it: one class per row, if class-conditional."""
-        K, y = self.args.num_classes, self.grid_y
-        return model if y is None else Guided(model, y, self.args.guidance, K)
-
-    def finish(self):
-        """The final pictures, from the EMA weights and the fixed x_T, and the last line."""
-        diffusion, model, x_T = self.diffusion, self.guided(self.training.ema), self.grid_x_T
-        rows = range(0, len(x_T), 8) if self.grid_y is not None else range(8)  # one per class
-        args = (self.args, self.amp, self.out_dir, rows)
-        path = save_samples_and_trajectory(diffusion, model, x_T, *args)
-        minutes = (self.elapsed_before + time.time() - self.started) / 60
-        files = f"{self.ckpt_path}, {path}, {self.out_dir / 'reverse_process.png'}"
-        print(f"done: {self.step} steps in {minutes:.1f} min; {files}")
-        if self.wandb:
-            self.wandb.log({"samples": self.wandb.Image(str(path))}, step=self.step)
-            self.wandb.finish()
+def import_wandb():
+    """wandb, an optional extra, imported only when asked for."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb")
+    return wandb
 
 
 def train(args):
-    """Train eps_theta with Algorithm 1 into --out-dir (ckpt.pt, log.csv, pictures). Under torchrun
-    every process (rank) runs it: rank 0 writes the files; all stop and save together."""
+    """train: Algorithm 1 into --out-dir (ckpt.pt, log.csv, pictures), with Part III's iteration.
+    Under torchrun every process runs this: rank 0 writes the files; all stop and save together."""
+    # --- Set up: the processes, the device, the run's configuration, folder and data
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device, amp = setup_device(args)  # --device, --amp
-    out_dir = Path(args.out_dir or f"runs/{args.model}")
-    ckpt, wandb = open_run(args, out_dir, world, rank)  # ckpt: None for a new run
+    device, amp = setup_device(args.device, args.amp)
+    out_dir, B = Path(args.out_dir or f"runs/{args.model or PAPER['model']}"), args.batch_size
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # None: a new run
+    if ckpt is None and ckpt_path.exists():
+        raise UserError(f"{ckpt_path} exists: add --resume to continue it, or another --out-dir")
+    config = run_config({key: getattr(args, key) for key in PAPER}, ckpt and ckpt["config"])
+    if B % world:
+        raise UserError(f"--batch-size {B} must divide among the {world} processes")
+    wandb = import_wandb() if args.wandb and rank == 0 else None
+    if rank == 0:
+        prepare_out_dir(out_dir)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    data = load_dataset(args.dataset, args.data_dir, args.image_size).to(device)  # (N, C, H, W)
-    labels, args.num_classes = None, 0  # the classes, for guidance (not in the paper)
-    if args.class_cond:
-        labels, args.num_classes = load_labels(args.dataset, args.data_dir)
-    run = Run(args, data, device, amp, out_dir, world, rank, wandb, labels)
-    run.restore(ckpt)
+    data, labels, classes = training_data(config, device)  # labels: for guidance (not paper)
+    N, C, H, W = data.shape
+    steps_per_epoch = N // B  # NOTE(paper): full batches only
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {B} is more than the {N} images there are")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    flip = config["dataset"] in ("cifar10", "folder") and not config["no_flip"]  # natural images
+
+    # --- The network, Part III's Training of it, the samplers of the pictures and of FID
+    config = dict(vars(args), **config, channels=C, num_classes=classes)
+    torch.manual_seed(args.seed)  # the same initial weights on every process
+    recipe = dict(
+        lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, ema_decay=args.ema_decay
+    )
+    training, diffusion, model = build_training(config, device, amp, args.compile, world, **recipe)
+    T, guidance = config["timesteps"], args.guidance if classes else None
+    how = (args.sample_steps, args.eta, args.variance, guidance, T, device)
+    sampler = fid_sampler = choose_sampler(args.sampler, *how)
+    if args.sampler == "auto":  # DDIM, eta 1, 100 steps tracked the 1000-step sampler's FID best
+        fid_sampler = Sampler("ddim", min(100, T), 1.0, guidance=guidance)
+    config.update(sampler=str(sampler), fid_sampler=str(fid_sampler))
+    grid_model, grid_y = training.ema, torch.arange(8 * classes, device=device) // 8
+    if classes:  # a row of 8 for each class
+        grid_model = Guided(training.ema, grid_y, args.guidance, classes)
+    generator = torch.Generator().manual_seed(args.seed)  # the same x_T for every grid
+    x_T = torch.randn((len(grid_y) or 64, C, H, W), generator=generator).to(device)
+    if args.fid_every and rank == 0:  # the network and the reference first: their errors too
+        network = inception(device)
+        where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
+        reference = reference_statistics(*where)[:2]
+        fid_labels = class_labels(None, classes, args.fid_samples)
+        fid_what = (args.fid_samples, (C, H, W), 500, args.seed, amp, fid_labels, classes)
+
+    # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
+    step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
+    files = contextlib.ExitStack()  # closed, and the processes parted, however the loop ends
+    if world > 1:
+        files.callback(dist.destroy_process_group)
     if rank == 0:
-        run.open_log(resumed=ckpt is not None)
-    with stop_on_signals() as stop_requested:
-        try:
-            while run.step < run.total_steps:
-                training, step = run.training, run.step
-                loss, grad_norm = train_iteration(training, run.diffusion, data, step, rank, world)
-                run.after_step(loss, grad_norm)
-                log_row = run.step % args.log_every == 0 or run.step == run.total_steps
-                stop, save = run.decide(stop_requested, log_row)
-                if stop:
-                    raise KeyboardInterrupt
-                if save:
-                    run.checkpoint()
-                if rank == 0 and (log_row or time.time() - run.logged_at >= 10):
-                    run.write_log(grad_norm)
-                if rank == 0 and run.due(args.sample_every):
-                    run.save_grid()
-                if rank == 0 and run.fid and run.due(args.fid_every):  # the others wait
-                    run.measure_fid()
-        except KeyboardInterrupt:
-            run.checkpoint()
-            if rank == 0:
-                how = f"saved {run.ckpt_path}; continue with --resume --out-dir {out_dir}"
-                print(f"\nstopped at step {run.step}: {how}", file=sys.stderr)
-            raise
-        finally:
-            if rank == 0:
-                run.log_file.close()
-                if run.fid_file:
-                    run.fid_file.close()
-            if world > 1:
-                dist.destroy_process_group()
-    if rank == 0:
-        run.finish()
-    return run.training.net
+        log = files.enter_context(open_csv(out_dir / "log.csv", LOG, step, bool(ckpt)))
+        if args.fid_every:
+            fid_log = files.enter_context(open_csv(out_dir / "fid.csv", FID_LOG, step, bool(ckpt)))
+        if wandb:  # a resumed run continues its page
+            wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
+        n = count_parameters(training.net)
+        what = f"{config['model']} ({n:,} parameters) on {config['dataset']} {N}x{C}x{H}x{W}"
+        print(f"training {what}, {device}, amp {amp}; step {step}/{total_steps}")
+        if device.type == "cpu" and n > 10_000_000:  # a CPU trains it at a few images/s
+            print(f"note: {n:,} parameters is a GPU recipe; on a CPU try README.md's quick start")
+
+    # --- The loop: Part III's iteration, then the periodic work (kept out of images/s)
+    loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
+    bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss
+    logged_step, saved_step, stopped, away = step, step, False, 0.0
+    logged_at = saved_at = started = time.time()
+    with files, stop_on_signals() as signals:
+        while step < total_steps and not stopped:
+            idx = batch_indices(N, B, step, args.seed).tensor_split(world)[rank]  # its share
+            x_0 = get_batch(data, idx, flip)  # Alg. 1, line 2
+            step_model = model
+            if labels is not None:  # the batch's classes, some dropped to "no label"
+                y = drop_labels(labels[idx.to(device)], classes, args.cond_drop)
+                step_model = functools.partial(model, y=y)
+            loss, grad_norm = train_iteration(training, diffusion, x_0, step, step_model)
+            step += 1
+            loss_sum += loss
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            bad_step = torch.where(finite | (bad_step >= 0), bad_step, step)
+
+            # What is due, decided alike by every process (they agree every 10 steps)
+            epoch, into_epoch = divmod(step, steps_per_epoch)
+            log_row, save = step % args.log_every == 0 or step == total_steps, step == total_steps
+            if world == 1 or log_row or step % 10 == 0:
+                late = 0 < args.ckpt_minutes <= (time.time() - saved_at) / 60
+                bad = log_row and int(bad_step) >= 0  # reads the GPU, as log rows do anyway
+                stop, late, bad = agree([len(signals), int(late), int(bad)], world, device)
+                stopped, save = stop > 0, save or late > 0 or bad > 0 or stop > 0
+            epoch_end = rank == 0 and into_epoch == 0 and not stopped
+            now = time.time()
+            if rank == 0 and (log_row or save or now - logged_at >= 10):  # a row before a save
+                speed = (step - logged_step) * B / max(now - logged_at - away, 1e-9)
+                loss, lr = loss_sum.item() / (step - logged_step), training.scheduler.get_last_lr()
+                row = (step, epoch, loss, lr[0], float(grad_norm), speed, elapsed + now - started)
+                log_line(log, wandb, row, total_steps, B)
+                loss_sum.zero_()
+                logged_step, logged_at, away = step, now, 0.0
+            if save:
+                state = dict(config=config, step=step, elapsed=elapsed + now - started)
+                checkpoint(ckpt_path, training, state, bad_step, saved_step, world, rank, device)
+                saved_step, saved_at = step, time.time()
+            if epoch_end and args.sample_every and epoch % args.sample_every == 0:
+                (out_dir / "grids").mkdir(exist_ok=True)
+                path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
+                draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
+            if epoch_end and args.fid_every and epoch % args.fid_every == 0:
+                images = generate(training.ema, diffusion, fid_sampler, *fid_what)
+                stats = feature_statistics(network, images, device, f"{len(images):,} samples")
+                fid, seconds = frechet_distance(*stats, *reference), time.time() - now
+                row = [step, step * B, f"{fid:.4f}", len(images), fid_sampler, f"{seconds:.1f}"]
+                csv.writer(fid_log).writerow(row)
+                print(f"FID {fid:.2f} at step {step} ({step * B:,} images seen; {row[-1]} s)")
+                if wandb:
+                    wandb.log({"fid": fid}, step=step)
+            away += time.time() - now  # checkpoints, grids and FID
+
+    # --- Finish: a stopped run says how to go on; a finished one draws its final pictures
+    path = out_dir / "samples.png"
+    if rank == 0 and stopped:
+        print(f"\nstopped at step {step}: saved {ckpt_path}; go on with --resume", file=sys.stderr)
+    elif rank == 0:
+        rows = range(0, len(grid_y), 8) if classes else range(8)  # one image per class
+        draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path, rows)
+        minutes = (elapsed + time.time() - started) / 60
+        print(f"done: {step} steps in {minutes:.1f} min; {ckpt_path}, {path}")
+        if wandb:
+            wandb.log({"samples": wandb.Image(str(path))}, step=step)
+            wandb.finish()
+    return 130 if stopped else 0
 
 
-# --- sample, forward, bench, compare: the other commands -------------------------------------
-def load_sampler(args, device):
-    """(model, diffusion, config) of a checkpoint, --weights in eval() mode on device."""
-    ckpt = load_checkpoint(args.ckpt)
-    cfg = ckpt["config"]
-    if args.sample_steps and not 2 <= args.sample_steps <= cfg["timesteps"]:
-        raise UserError(f"--sample-steps must be between 2 and the model's T = {cfg['timesteps']}")
-    model = build_model(cfg)
+# --- sample, fid, forward, bench, compare: the other commands -----------------------------------
+def load_sampler(path, device):
+    """(model, diffusion, config) of a checkpoint: its EMA weights, in eval() mode."""
+    ckpt = load_checkpoint(path)
+    config = dict(ckpt["config"], step=ckpt["step"])
+    model = build_model(config)
     try:
-        model.load_state_dict(ckpt[args.weights])
+        model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError) as e:
-        raise UserError(f"{args.ckpt} holds no {args.weights} weights that fit ({first_line(e)})")
-    model = prepare_network(model, device).eval()
-    diffusion = GaussianDiffusion(SCHEDULES[cfg["schedule"]](cfg["timesteps"])).to(device)
-    return model, diffusion, dict(cfg, step=ckpt["step"])
+        raise UserError(f"{path} holds no EMA weights that fit its network ({first_line(e)})")
+    diffusion = GaussianDiffusion(SCHEDULES[config["schedule"]](config["timesteps"]))
+    return to_device(model, device).eval(), diffusion.to(device), config
 
 
-def class_labels(args, cfg, n):
-    """The class of each of n images: --class K, all (a row of 8 each), or each in turn."""
-    K, label = cfg.get("num_classes", 0), args.label
-    if label is not None and not K:
-        raise UserError(f"--class: {args.ckpt} is not class-conditional (train with --class-cond)")
-    if label not in (None, "all") and label >= K:
-        raise UserError(f"--class {label}: the model knows classes 0 to {K - 1}")
-    if not K:
+def class_labels(label, classes, n):
+    """The class of each of n images from a model of `classes` classes (0: unconditional, None):
+    --class K, all (a row of 8 for each class), or None (each class in turn)."""
+    if label is not None and not classes:
+        raise UserError("--class: the model is not class-conditional (train with --class-cond)")
+    if label not in (None, "all") and label >= classes:
+        raise UserError(f"--class {label}: the model knows classes 0 to {classes - 1}")
+    if not classes:
         return None
-    k = torch.arange(n)
-    return k % K if label is None else k // 8 % K if label == "all" else torch.full((n,), label)
+    if label == "all":
+        return torch.arange(n) // 8 % classes
+    return torch.arange(n) % classes if label is None else torch.full((n,), label)
 
 
-def generate(model, diffusion, cfg, args, device, amp, n):
-    """n images (n, C, H, W) uint8 from --sampler in batches of --batch-size, all from --seed: x_T
-    drawn on the CPU (the same on every device), each step's z on the device; from a
-    class-conditional model, of the classes of class_labels, with --guidance."""
-    C, S, batch = cfg["channels"], cfg["image_size"], min(args.batch_size, n)
-    x_T_generator = torch.Generator().manual_seed(args.seed)
-    z_generator = torch.Generator(device).manual_seed(args.seed)
-    batches = math.ceil(n / batch)
-    T = diffusion.num_timesteps
-    progress = sampling_progress(f"sampling {n} images", args, T, device, batch, batches)
-    model, images = maybe_compile(model, args), []
-    labels = class_labels(args, cfg, batches * batch)  # (batches * batch,), or None
-    for start in range(0, batches * batch, batch):  # whole batches only (one compiled shape)
-        x_T = torch.randn((batch, C, S, S), generator=x_T_generator).to(device)
-        y = None if labels is None else labels[start : start + batch].to(device)  # (batch,)
-        eps_model = model if y is None else Guided(model, y, args.guidance, cfg["num_classes"])
-        x_0 = run_sampler(diffusion, eps_model, x_T, args, amp, z_generator, progress)
-        images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
-    return torch.cat(images)[:n]  # (n, C, H, W), [-1, 1] -> {0..255}
+def sample_images(args, n, device, amp):
+    """(images, config, sampler): n images (n, C, H, W) uint8 from --ckpt, drawn as sample's and
+    fid's flags say."""
+    model, diffusion, config = load_sampler(args.ckpt, device)
+    classes, S = config.get("num_classes", 0), config["image_size"]
+    guidance = args.guidance if classes else None
+    how = (args.sample_steps, args.eta, args.variance, guidance, config["timesteps"], device)
+    sampler = choose_sampler(args.sampler, *how)
+    labels = class_labels(args.label, classes, n)
+    what = (n, (config["channels"], S, S), args.batch_size, args.seed, amp, labels, classes)
+    images = generate(compile_model(model, args.compile), diffusion, sampler, *what)
+    return images, config, sampler
 
 
 def write_samples(args):
-    """sample: --num-samples images from a checkpoint alone, as PNG files or one npz."""
-    device, amp = setup_device(args)
-    model, diffusion, cfg = load_sampler(args, device)
-    out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
+    """sample: --num-samples images from a checkpoint alone, as PNG files or one npz, a grid, and a
+    record of how they were drawn (sample.json)."""
+    device, amp = setup_device(args.device, args.amp)
+    out_dir, n = Path(args.out_dir or Path(args.ckpt).parent / "samples"), args.num_samples
+    folder = out_dir / "images"
+    stale = [p for p in folder.glob("*.png") if not p.stem.isdigit() or int(p.stem) >= n]
+    if args.format == "png" and stale:  # an earlier, larger run's images: FID would read them
+        what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
+        raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
+    load_checkpoint(args.ckpt)  # its errors before the folder is made
     prepare_out_dir(out_dir)
-    n, folder = args.num_samples, out_dir / "images"
-    if args.format == "png":  # an earlier, larger run's images would stay, and FID read them too
-        ours = {f"{k:06d}.png" for k in range(n)}
-        stale = [p for p in folder.glob("*.png") if p.name not in ours]
-        if stale:
-            what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
-            raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
-    images = generate(model, diffusion, cfg, args, device, amp, n)  # (n, C, H, W) uint8
-    shown = 8 * cfg["num_classes"] if args.label == "all" else 64  # "all": a row per class
-    save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png", nrow=8)
+    images, config, sampler = sample_images(args, n, device, amp)  # (n, C, H, W) uint8
+    shown = 8 * config.get("num_classes", 0) if args.label == "all" else 64  # all: a row a class
+    save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png")
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
         folder.mkdir(exist_ok=True)
         progress = Progress(f"writing {folder}", n)
         for k, img in enumerate(images):
             save_image(img / 255.0, folder / f"{k:06d}.png")  # 8-bit values, exactly
             progress.tick()
-        print(f"wrote {n} images to {folder} and a grid to {out_dir / 'grid.png'}")
     else:  # one uint8 array (N, H, W, C), stored under the default key arr_0
-        array = images.permute(0, 2, 3, 1).numpy()
-        np.savez(out_dir / "samples.npz", array)
-        print(f"wrote {out_dir / 'samples.npz'} {array.shape} and {out_dir / 'grid.png'}")
+        np.savez(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy())
+    record = dict(images=n, format=args.format, checkpoint=str(args.ckpt), step=config["step"])
+    add_record(out_dir / "sample.json", dict(record, sampler=str(sampler), seed=args.seed))
+    where = folder if args.format == "png" else out_dir / "samples.npz"
+    print(f"wrote {n} images ({sampler}) to {where}, a grid.png and sample.json beside them")
 
 
 def read_images(path):
-    """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder."""
+    """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder,
+    all at the size of the first."""
     if path.suffix != ".npz":
-        from PIL import Image  # Pillow: installed with torchvision
-
-        with Image.open(image_files(path, flag="--images")[0]) as im:  # all at the first's size
-            return load_image_folder(path, min(im.size))
+        return load_image_folder(path, None, flag="--images")[0]
     try:
         with np.load(path) as f:
             x = torch.from_numpy(f["arr_0"])
@@ -1572,22 +1511,24 @@ def measure_fid(args):
     set's statistics; prints it with its protocol, and adds both to fid.json beside them."""
     if bool(args.ckpt) == bool(args.images):
         raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR|FILE.npz")
-    device, amp = setup_device(args)
-    model, diffusion, cfg = load_sampler(args, device) if args.ckpt else (None, None, {})
+    device, amp = setup_device(args.device, args.amp)
+    config = load_checkpoint(args.ckpt)["config"] if args.ckpt else {}
     images = None if args.ckpt else read_images(Path(args.images))  # (N, C, H, W) uint8
-    args.dataset = args.dataset or cfg.get("dataset", "cifar10")  # the run's training set
-    args.data_dir = args.data_dir or cfg.get("data_dir", "data")
-    size = cfg.get("image_size") or images.shape[-1]
-    features = inception(device)  # before the long work: a missing package or file stops here
-    mu, sigma, reference = reference_statistics(args, size, features, device)
-    t0, record = time.time(), dict(images=args.images, sampler=None, step=None)
+    dataset = args.dataset or config.get("dataset", "cifar10")  # the run's training set
+    data_dir = args.data_dir or config.get("data_dir", "data")
+    size = config.get("image_size") or images.shape[-1]
+    network = inception(device)  # before the long work: a missing package or file stops here
+    mu, sigma, reference = reference_statistics(
+        dataset, data_dir, args.ref_stats, size, network, device
+    )
+    t0, record = time.time(), dict(images=args.images)
     if args.ckpt:
-        images = generate(model, diffusion, cfg, args, device, amp, args.num_samples)
-        sampler = f"{sampler_name(args, cfg['timesteps'], device)}, seed {args.seed}"
-        sampler += f", guidance {args.guidance:g}" if cfg.get("num_classes") else ""
-        record = dict(images=f"the {args.weights} weights of {args.ckpt}", sampler=sampler)
-        record.update(step=cfg["step"], images_seen=cfg["step"] * cfg["batch_size"])
-    stats = feature_statistics(features, images, device, f"{len(images):,} images")
+        images, config, sampler = sample_images(args, args.num_samples, device, amp)
+        record = dict(
+            images=f"the EMA weights of {args.ckpt}", sampler=str(sampler), seed=args.seed
+        )
+        record.update(step=config["step"], images_seen=config["step"] * config["batch_size"])
+    stats = feature_statistics(network, images, device, f"{len(images):,} images")
     fid = round(frechet_distance(*stats, mu, sigma), 4)
     record = dict(fid=fid, samples=len(images), **record, reference=reference)
     record.update(network=FID_NETWORK, seconds=round(time.time() - t0, 1))  # after the reference
@@ -1595,104 +1536,77 @@ def measure_fid(args):
     if len(images) < 50_000:
         print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
     path = Path(args.ckpt or args.images).parent / "fid.json"  # beside the checkpoint or images
-    records = json.loads(path.read_text()) if path.is_file() else []
-    path.with_name("fid.json.tmp").write_text(json.dumps(records + [record], indent=1))
-    os.replace(path.with_name("fid.json.tmp"), path)  # whole, or the old file untouched
+    add_record(path, record)
     print(f"added to {path}")
 
 
 def draw_forward_process(args):
     """forward: the forward-process picture [Eq. 4]. A row per image, x_0 then q_sample at
     t = T/10, ..., T, with one eps per row so that each row shows one noise growing."""
-    images = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images)
-    x_0 = images.float() / 127.5 - 1  # (n, C, H, W)
-    diffusion = GaussianDiffusion(SCHEDULES[args.schedule](args.timesteps))
-    T, n = diffusion.num_timesteps, x_0.shape[0]
+    images = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images)[0]
+    x_0, n, T = images.float() / 127.5 - 1, len(images), args.timesteps  # x_0: (n, C, H, W)
+    diffusion = GaussianDiffusion(SCHEDULES[args.schedule](T))
     steps = [max(0, T * k // 10 - 1) for k in range(1, 11)]  # code t of paper t = T/10, ..., T
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(args.seed))
     columns = [x_0] + [diffusion.q_sample(x_0, torch.full((n,), t), noise) for t in steps]
-    prepare_out_dir(out_dir := Path(args.out_dir))
-    grid = torch.stack(columns, dim=1).flatten(0, 1)  # (n * 11, C, H, W), row by row
-    save_grid(grid, out_dir / "forward_process.png", nrow=len(columns))
-    columns = ", ".join(str(t + 1) for t in steps)
-    print(f"wrote {out_dir / 'forward_process.png'}: {n} images, columns x_0 then t = {columns}")
-
-
-BENCH_CPU = {  # the quick start's network, and few steps: a CPU bench ends within a minute
-    **dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1),
-    **dict(attn_resolutions=[8], batch_size=32, sample_batch_size=32, steps=20, warmup_steps=3),
-}
+    prepare_out_dir(Path(args.out_dir))
+    path = Path(args.out_dir) / "forward_process.png"
+    save_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=11)  # (n * 11, C, H, W)
+    print(f"wrote {path}: {n} images, columns x_0 then t = {', '.join(str(t + 1) for t in steps)}")
 
 
 def benchmark(args):
-    """bench: time --steps training iterations (all of Alg. 1) and sampler network evaluations on
-    random data, after --warmup-steps of each; --profile N: then profile N iterations."""
-    device, amp = setup_device(args)
-    if device.type == "cpu":  # the GPU defaults (the paper's network at batch 128) take hours here
-        vars(args).update(cpu := {k: v for k, v in BENCH_CPU.items() if k not in args.explicit})
-        text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
-        flags = " ".join(f"--{k.replace('_', '-')} {text(v)}" for k, v in cpu.items())
-        print(f"bench on a CPU, with its CPU defaults for the flags not typed: {flags}")
-    torch.manual_seed(args.seed)
-    C, S, B, sample_batch = 3, args.image_size, args.batch_size, args.sample_batch_size
-    run, diffusion = build_training(args, C, device, amp)
-    data = torch.randint(0, 256, (4 * B, C, S, S), dtype=torch.uint8, device=device)
-    x_t = torch.randn(sample_batch, C, S, S, device=device)
-    t = torch.randint(0, args.timesteps, (sample_batch,), device=device)
-    sampler_model = maybe_compile(run.ema, args)  # as in sample
+    """bench: time --steps training iterations (all of Algorithm 1) and sampler network
+    evaluations on random data, after 3 untimed calls of each (compiling, if asked). On a GPU the
+    paper's network at batch 128 by default; on a CPU the quick start's at batch 32."""
+    device, amp = setup_device(args.device, args.amp)
     cuda = device.type == "cuda"
-    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
-    what = f"{args.model}, {count_parameters(run.net):,} parameters, {S}x{S}, amp {amp}"
+    config = dict(PAPER, channels=3, **({} if cuda else QUICKSTART))
+    config.update({k: getattr(args, k) for k in PAPER if getattr(args, k, None) is not None})
+    B, S, T = args.batch_size or (128 if cuda else 32), config["image_size"], config["timesteps"]
+    torch.manual_seed(args.seed)
+    training, diffusion, model = build_training(config, device, amp, args.compile)
+    ema = compile_model(training.ema, args.compile)  # as sample runs it
+    data = torch.randint(0, 256, (4 * B, 3, S, S), dtype=torch.uint8, device=device)
+    x_t, t = torch.randn(B, 3, S, S, device=device), torch.randint(0, T, (B,), device=device)
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} CPU threads"
+    n = count_parameters(training.net)
+    what = f"{config['model']}, {n:,} parameters, {S}x{S}, batch {B}, amp {amp}"
     print(f"bench: {what}, compile {args.compile}, {where}, torch {torch.__version__}")
-    print(f"{'':8} {'batch':>6} {'images/s':>10} {'ms/call':>9} {'warm-up s':>10}")
-
-    train_fn = lambda k: train_iteration(run, diffusion, data, k)  # noqa: E731 (all of Alg. 1)
-
-    def sample_fn(k):  # one network evaluation of a sampler step, as in p_sample
-        with torch.inference_mode(), torch.autocast(device.type, amp, enabled=amp is not None):
-            sampler_model(x_t, t)
-
-    def timed(name, fn, n, batch):
-        progress = Progress(f"bench: {name}", n, batch)
-        sync = torch.cuda.synchronize if cuda else int
-        sync()
-        t0 = time.perf_counter()
-        for k in range(n):
-            fn(k)
+    for name in ("train", "sample"):
+        progress = Progress(f"bench: {name}", 3 + args.steps, B)
+        for k in range(3 + args.steps):
+            if k == 3 and cuda:  # the warm-up done: time from here
+                torch.cuda.synchronize()
+            if k == 3:
+                t0 = time.perf_counter()
+            if name == "train":  # all of Algorithm 1: the batch, the step, the warm-up, the EMA
+                x_0 = get_batch(data, batch_indices(len(data), B, k), True)
+                train_iteration(training, diffusion, x_0, k, model)
+            else:  # one network evaluation of a sampler step, as in p_sample
+                with torch.inference_mode(), torch.autocast(device.type, amp, enabled=bool(amp)):
+                    ema(x_t, t)
             progress.tick()
-        sync()
-        return time.perf_counter() - t0
-
-    for name, fn, batch in (("train", train_fn, B), ("sample", sample_fn, sample_batch)):
-        warm = timed(f"{name} warm-up", fn, args.warmup_steps, batch)
-        seconds = timed(name, fn, args.steps, batch)
-        rate, ms = args.steps * batch / seconds, 1e3 * seconds / args.steps
-        print(f"{name:8} {batch:>6} {rate:>10,.1f} {ms:>9.2f} {warm:>10.1f}", flush=True)
-        if name == "train" and cuda:
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            print(f"peak GPU memory while training: {peak:.2f} GiB")
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / args.steps
+        print(f"{name}: {B / seconds:,.1f} images/s, {1e3 * seconds:.2f} ms per call", flush=True)
+    if cuda:
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print("sample = one network evaluation per image, what one step of a sampler costs")
-    if args.profile:  # where a step's time goes: the operators (kernels) that took longest
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
-        with torch.profiler.profile(activities=activities) as prof:
-            seconds = timed("profile", train_fn, args.profile, B)
-        by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=70))
-        ms = 1e3 * seconds / args.profile
-        print(f"profiled {args.profile} training steps: {ms:.2f} ms per step (profiler on)")
 
 
 def read_run(folder):
     """A run's curves: log.csv's loss by step, fid.csv's FIDs by images seen, fid.json's records."""
-    rows = {}
+    rows, path = {}, folder / "fid.json"
     try:
         for name in ("log.csv", "fid.csv"):
-            with contextlib.suppress(FileNotFoundError), open(folder / name, newline="") as f:
-                rows[name] = list(csv.DictReader(f))
+            if (folder / name).exists():
+                with open(folder / name, newline="") as f:
+                    rows[name] = list(csv.DictReader(f))
         loss = {int(r["step"]): float(r["loss"]) for r in rows.get("log.csv", [])}  # last wins
         fids = [(int(r["images_seen"]), float(r["fid"])) for r in rows.get("fid.csv", [])]
-        scored = json.loads(path.read_text()) if (path := folder / "fid.json").exists() else []
+        scored = json.loads(path.read_text()) if path.exists() else []
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{folder}: a log.csv, fid.csv or fid.json not written by ddpm.py ({e})")
     if not loss:
@@ -1743,205 +1657,187 @@ def plot_runs(runs, path):
 
 # --- Command line --------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UserError, and shows every flag's default."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    """argparse that reports a bad flag as a UserError (one line)."""
 
     def error(self, message):
         raise UserError(f"{message} (see: python {self.prog} --help)")
 
 
-def checked(kind, ok, must):
-    """An argparse type: kind(text), refused with "must be {must}" unless ok(value)."""
+def bounded(kind, lo, hi):
+    """An argparse type: kind(text), refused unless lo <= value <= hi (NaN always is)."""
 
-    def number(text):
-        if not ok(value := kind(text)):  # NaN fails every comparison, so ok() refuses it
-            raise argparse.ArgumentTypeError(f"{text}: must be {must}")
+    def parse(text):
+        value = kind(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text}: must be from {lo:,} to {hi:,}")
         return value
 
-    return number
-
-
-def whole(lo, hi=math.inf):
-    """An integer flag from lo to hi: within what torch holds and builds in reasonable time."""
-    must = "0 or more" if lo == 0 else f"at least {lo}"
-    must = must if hi == math.inf else f"from {lo} to {hi:,}"
-    return checked(int, lambda v: lo <= v <= hi, must)
+    return parse
 
 
 def int_list(hi):
-    """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], up to 16 integers, each from 1 to hi."""
-    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
-    ok = lambda values: len(values) <= 16 and all(1 <= v <= hi for v in values)  # noqa: E731
-    return checked(ints, ok, f"up to 16 comma-separated integers from 1 to {hi}")
+    """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], 1 to 16 integers, each from 1 to hi."""
 
+    def parse(text):
+        values = [bounded(int, 1, hi)(v) for v in text.split(",")]
+        if len(values) > 16:
+            raise argparse.ArgumentTypeError(f"{text}: must be at most 16 integers")
+        return values
 
-finite = math.isfinite
-COUNT, NONNEGATIVE = whole(0), checked(float, lambda v: v >= 0, "0 or more")
-FINITE_NONNEGATIVE = checked(float, lambda v: finite(v) and v >= 0, "0 or more, and finite")
-POSITIVE = checked(float, lambda v: v > 0, "more than 0")
-FINITE_POSITIVE = checked(float, lambda v: finite(v) and v > 0, "more than 0, and finite")
-FRACTION = checked(float, lambda v: 0 <= v < 1, "at least 0 and below 1")
-SEED = whole(0, 2**32 - 1)
+    return parse
 
 
 def class_label(text):
     """--class: a class number, or all."""
-    return text if text == "all" else whole(0)(text)
+    return text if text == "all" else bounded(int, 0, 10**6)(text)
 
 
-# numpy's range; each process's streams add to it
-BATCH = whole(1, 2**20)
+COUNT, MANY, BATCH = bounded(int, 0, 10**9), bounded(int, 1, 10**9), bounded(int, 1, 2**20)
+FRACTION, STEPS, SEED = bounded(float, 0, 1), bounded(int, 2, 100_000), bounded(int, 0, 2**32 - 1)
 
-
-# The flags, one row each: (flag, type, default, help[, more argparse keywords]). A list as the type
-# gives the choices, bool makes a switch. A help ends with "; paper: X" where that matters.
-NETWORK_FLAGS = [
+# The flags, a row each: (flag, type, default, help[, more argparse keywords]). A list as the type
+# gives the choices; bool makes a switch. A help ends with "paper: X" where that matters.
+RUN_FLAGS = [  # the network, its schedule and its data: on --resume, the checkpoint's
     ("--model", list(MODELS), "res_att", "conv, res or res_att; paper: res_att"),
-    ("--image-size", whole(1, 4096), 32, "image side in pixels"),
-    ("--base-channels", whole(32, 4096), 128, "channels at full resolution, a multiple of 32"),
+    ("--image-size", bounded(int, 1, 4096), 32, "image side in pixels"),
+    ("--base-channels", bounded(int, 32, 4096), 128, "channels at full size, a multiple of 32"),
     ("--channel-mult", int_list(64), [1, 2, 2, 2], "channel multiplier per level, e.g. 1,2,2,2"),
-    ("--num-res-blocks", whole(1, 64), 2, "residual blocks per level going down"),
+    ("--num-res-blocks", bounded(int, 1, 64), 2, "residual blocks per level going down"),
     ("--attn-resolutions", int_list(4096), [16], "resolutions with self-attention (res_att)"),
     ("--dropout", FRACTION, 0.1, "dropout in every block"),
-    ("--timesteps", whole(2, 100_000), 1000, "diffusion steps T"),
+    ("--timesteps", STEPS, 1000, "diffusion steps T"),
     ("--schedule", list(SCHEDULES), "linear", "beta schedule; paper: linear 1e-4 to 0.02"),
+    ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
+    ("--data-dir", str, "data", "the dataset's folder; for folder, any tree of .png/.jpg files"),
+    ("--no-flip", bool, False, "no random horizontal flips (they are for cifar10 and folder)"),
+    ("--class-cond", bool, False, "train on the dataset's labels, for --guidance (not paper)"),
 ]
+PAPER = {row[0][2:].replace("-", "_"): row[2] for row in RUN_FLAGS}  # the defaults of a new run
+QUICKSTART = dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1)
+QUICKSTART.update(attn_resolutions=[8])  # the README's quick start: what bench runs on a CPU
 COMPILE_MODES = ["auto", "default", "reduce-overhead", "max-autotune"]
-COMPILE_HELP = """torch.compile the network (a slow first step, faster after) in mode MODE; auto:
-reduce-overhead (CUDA graphs) when training on one GPU, default otherwise; None: off"""
+COMPILE_HELP = "torch.compile the network in mode MODE (a slow first step, faster after); auto: "
+COMPILE_HELP += "reduce-overhead (CUDA graphs) when training on one GPU, else default"
 RUNTIME_FLAGS = [
-    ("--device", ["auto", "cpu", "cuda", "mps"], "auto", "auto: cuda, then mps, then cpu"),
-    ("--amp", ["auto", "bf16", "fp16", "none"], "auto", "auto: bf16 on CUDA, else none (float32)"),
+    ("--device", ["auto", "cpu", "cuda"], "auto", "auto: cuda if there is one"),
+    ("--amp", ["auto", "bf16", "none"], "auto", "auto: bf16 on CUDA, else none (float32)"),
     ("--seed", SEED, 0, "random seed"),
     ("--compile", COMPILE_MODES, None, COMPILE_HELP, dict(nargs="?", const="auto", metavar="MODE")),
 ]
+GUIDANCE_HELP = "classifier-free guidance w, for class-conditional models: eps = (1 + w) "
+GUIDANCE_HELP += "eps(x, y) - w eps(x); diffusers' guidance_scale is 1 + w"
 SAMPLER_FLAGS = [
-    ("--sampler", ["auto", "ddpm", "ddim", "dpm++"], "auto", "auto: ddpm on CUDA, else dpm++"),
-    ("--sample-steps", whole(2), None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
-    ("--eta", FINITE_NONNEGATIVE, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
+    ("--sampler", ["auto", "ddpm", "ddim", "dpm++"], "auto", "auto: ddpm on CUDA, else ddim eta 1"),
+    ("--sample-steps", STEPS, None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
+    ("--eta", FRACTION, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
     ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
-    ("--guidance", FINITE_NONNEGATIVE, 0.5, "classifier-free guidance w, class-conditional models"),
-]
-DATA_FLAGS = [
-    ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
-    ("--data-dir", str, "data", "the dataset's folder; for folder, any tree of .png/.jpg files"),
+    ("--guidance", bounded(float, 0, 100), 0.5, GUIDANCE_HELP),
 ]
 TRAIN_FLAGS = [
-    ("--no-flip", bool, False, "no random horizontal flips (they are for cifar10 and folder)"),
-    ("--epochs", whole(1), 100, "passes over the data; paper: 800k steps, about 2000"),
+    ("--epochs", MANY, 100, "passes over the data; paper: 800k steps, about 2000"),
     ("--max-steps", COUNT, 0, "stop after this many steps if sooner; 0: no limit"),
     ("--batch-size", BATCH, 128, "global batch; paper: 128"),
-    ("--lr", FINITE_POSITIVE, 2e-4, "Adam learning rate; paper: 2e-4"),
+    ("--lr", bounded(float, 1e-12, 1), 2e-4, "Adam learning rate; paper: 2e-4"),
     ("--warmup", COUNT, 5000, "linear learning-rate warm-up steps; paper: 5000"),
-    ("--grad-clip", POSITIVE, 1.0, "clip the global gradient norm to this; inf: no clipping"),
+    ("--grad-clip", bounded(float, 1e-9, math.inf), 1.0, "global gradient norm clip; inf: none"),
     ("--ema-decay", FRACTION, 0.9999, "EMA decay, warmed up; paper: 0.9999"),
-    ("--out-dir", str, None, "where ckpt.pt, log.csv and pictures go; None: runs/<model>"),
-    ("--resume", bool, False, "continue the run in --out-dir from its ckpt.pt"),
-    ("--ckpt-minutes", NONNEGATIVE, 5, "save ckpt.pt so often, and at the end; 0: only then"),
-    ("--ckpt-every", COUNT, 0, "also save every N steps; 0: off"),
-    ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
-    ("--log-every", whole(1), 100, "a log.csv row every N steps"),
-    ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
-    (
-        "--fid-every",
-        COUNT,
-        0,
-        "an FID every N epochs, in fid.csv (pip install pytorch-fid); 0: off",
-    ),
-    ("--fid-samples", whole(2, 10_000_000), 10_000, "samples per --fid-every FID; paper: 50000"),
-    REF_STATS := ("--ref-stats", str, None, "FID reference: an npz of mu, sigma; None: the data's"),
-    ("--class-cond", bool, False, "train on the dataset's labels, for --guidance (not paper)"),
     ("--cond-drop", FRACTION, 0.1, "with --class-cond, the share of labels dropped to 'no label'"),
+    ("--out-dir", str, None, "where ckpt.pt, log.csv and pictures go; None: runs/<model>"),
+    ("--resume", bool, False, "continue the run in --out-dir (type its other flags again)"),
+    ("--ckpt-minutes", bounded(float, 0, 1e6), 5, "save ckpt.pt so often and at the end"),
+    ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
+    ("--log-every", MANY, 100, "a log.csv row every N steps"),
+    ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
+    ("--fid-every", COUNT, 0, "an FID every N epochs, in fid.csv (needs pytorch-fid); 0: off"),
+    ("--fid-samples", bounded(int, 2, 10**7), 10_000, "samples per --fid-every FID; paper: 50000"),
+    ("--ref-stats", str, None, "FID reference: an npz of mu and sigma; None: the training set's"),
 ]
 SAMPLE_FLAGS = [
     ("--ckpt", str, None, "a ckpt.pt written by train", dict(required=True)),
-    ("--num-samples", whole(1, 10_000_000), 64, "how many images; an FID takes 50000"),
+    ("--num-samples", bounded(int, 1, 10**7), 64, "how many images; an FID takes 50000"),
     ("--batch-size", BATCH, 500, "images per sampler batch"),
-    ("--weights", ["ema", "model"], "ema", "the EMA or the raw weights; paper: ema"),
+    ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
     ("--format", ["png", "npz"], "png", "png files and a grid, or one uint8 (N, H, W, C) npz"),
     ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
-    ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
 ]
 FID_FLAGS = [
     ("--ckpt", str, None, "a ckpt.pt written by train: the FID of its samples"),
     ("--images", str, None, "or the FID of these: a folder of images, or an npz from sample"),
-    ("--num-samples", whole(2, 10_000_000), 50_000, "how many samples; paper: 50000"),
-    *[row for row in SAMPLE_FLAGS if row[0] in ("--batch-size", "--weights", "--class")],
-    (
-        "--dataset",
-        [*TORCHVISION_DATASETS, "folder"],
-        None,
-        "the reference; None: the run's/cifar10",
-    ),
+    ("--num-samples", bounded(int, 2, 10**7), 50_000, "how many samples; paper: 50000"),
+    *SAMPLE_FLAGS[2:4],
+    ("--dataset", RUN_FLAGS[9][1], None, "the reference set; None: the run's, or cifar10"),
     ("--data-dir", str, None, "its folder, where its statistics are cached; None: the run's/data"),
-    REF_STATS,
+    TRAIN_FLAGS[-1],
 ]
-SHARED = ("--image-size", "--timesteps", "--schedule", "--seed")  # forward takes these too
-FORWARD_FLAGS = [row for row in NETWORK_FLAGS + RUNTIME_FLAGS if row[0] in SHARED] + [
-    ("--num-images", whole(1), 8, "rows, one image each"),
+FORWARD_FLAGS = [row for row in RUN_FLAGS if row[0] in ("--image-size", "--timesteps")]
+FORWARD_FLAGS += [*RUN_FLAGS[8:11], RUNTIME_FLAGS[2]]
+FORWARD_FLAGS += [
+    ("--num-images", bounded(int, 1, 10**4), 8, "rows, one image each"),
     ("--out-dir", str, "runs", "writes forward_process.png there"),
 ]
 BENCH_FLAGS = [
-    ("--batch-size", BATCH, 128, "training batch; on a CPU 32"),
-    ("--sample-batch-size", BATCH, 500, "sampling batch; on a CPU 32"),
-    ("--steps", whole(1), 20, "timed calls of each"),
-    ("--warmup-steps", COUNT, 5, "untimed calls first, compiling included; on a CPU 3"),
-    ("--profile", COUNT, 0, "then profile N training steps: the slowest operators or kernels"),
+    ("--batch-size", BATCH, None, "images per call; None: 128 on a GPU, 32 on a CPU"),
+    ("--steps", bounded(int, 1, 10**6), 20, "timed calls of each, after 3 untimed ones"),
 ]
 
 
-def add_flags(parser, title, rows):
-    """Add a group of flags, from rows (flag, type, default, help[, more keywords])."""
+def add_flags(parser, title, rows, decided=""):
+    """Add a group of flags from rows (flag, type, default, help[, more keywords]). decided: who
+    decides the flags not typed; their default is then None, and the help names it."""
     group = parser.add_argument_group(title)
     for flag, kind, default, text, *more in rows:
-        kwargs = {"choices": kind} if isinstance(kind, list) else {"type": kind}
-        kwargs = {"action": "store_true"} if kind is bool else kwargs
+        kwargs = dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        if kind is bool:
+            kwargs = dict(action="store_true")
+        if kind is not bool:
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            text += f" (default: {shown}{decided})"
+        if decided:
+            default = None
         group.add_argument(flag, default=default, help=text, **kwargs, **(more[0] if more else {}))
 
 
-COMMANDS = {  # name: (its function, its groups of flags, its help)
-    "train": (train, "network runtime data sampler training", "train a model (Algorithm 1)"),
-    "sample": (write_samples, "runtime sampler sample", "generate images from a checkpoint"),
-    "forward": (draw_forward_process, "data forward", "picture the forward (noising) process"),
-    "bench": (benchmark, "network runtime bench", "measure training and sampling speed"),
-    "fid": (measure_fid, "runtime sampler fid", "the FID of a checkpoint's samples, or of images"),
-    "compare": (compare_runs, "", "compare the loss and FID curves of runs"),
-}
-FLAGS = dict(network=NETWORK_FLAGS, runtime=RUNTIME_FLAGS, sampler=SAMPLER_FLAGS, data=DATA_FLAGS)
-FLAGS.update(training=TRAIN_FLAGS, sample=SAMPLE_FLAGS, forward=FORWARD_FLAGS, bench=BENCH_FLAGS)
-FLAGS.update(fid=FID_FLAGS)
-
-
 def build_parser():
-    """The six commands and their flags; returns (parser, {command: subparser})."""
+    """The six commands and their flags."""
     description = "Denoising Diffusion Probabilistic Models (Ho et al. 2020); no command: train"
     parser = Parser(prog="ddpm.py", allow_abbrev=False, description=description)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     commands = {}
-    for name, (_, groups, what) in COMMANDS.items():
-        p = commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
-        for group in groups.split():
-            add_flags(p, group, FLAGS[group])
+    for name, (_, what) in COMMANDS.items():
+        commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
+    train, sample, fid = commands["train"], commands["sample"], commands["fid"]
+    add_flags(train, "the run (on --resume, the checkpoint's)", RUN_FLAGS, "; --resume: the run's")
+    for p, rows in ((train, TRAIN_FLAGS), (sample, SAMPLE_FLAGS), (fid, FID_FLAGS)):
+        add_flags(p, "runtime", RUNTIME_FLAGS)
+        add_flags(p, "sampler", SAMPLER_FLAGS)
+        add_flags(p, p.prog.split()[-1], rows)
+    add_flags(commands["forward"], "forward", FORWARD_FLAGS)
+    add_flags(commands["bench"], "network", RUN_FLAGS[:9], "; on a CPU, the quick start's")
+    add_flags(commands["bench"], "runtime", RUNTIME_FLAGS)
+    add_flags(commands["bench"], "bench", BENCH_FLAGS)
     commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
-    commands["compare"].add_argument("--plot", metavar="FILE.png", help="draw the curves there")
-    for flag in ("lr", "grad_clip", "ema_decay", "warmup"):  # read by the training iteration
-        commands["bench"].set_defaults(**{flag: commands["train"].get_default(flag)})
-    return parser, commands
+    commands["compare"].add_argument(
+        "--plot", metavar="FILE.png", help="draw the curves there (default: none)"
+    )
+    return parser
+
+
+COMMANDS = {  # name: (its function, its help)
+    "train": (train, "train a model (Algorithm 1)"),
+    "sample": (write_samples, "generate images from a checkpoint"),
+    "forward": (draw_forward_process, "picture the forward (noising) process"),
+    "bench": (benchmark, "measure training and sampling speed"),
+    "fid": (measure_fid, "the FID of a checkpoint's samples, or of images"),
+    "compare": (compare_runs, "compare the loss and FID curves of runs"),
+}
 
 
 def parse_args(argv):
-    """Parse a command line (train when no command is named); records which flags were typed."""
+    """Parse a command line; train when it names no command."""
     argv = list(argv)
-    parser, commands = build_parser()
-    if not argv or argv[0] not in (*commands, "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "train")
-    args = parser.parse_args(argv)
-    typed = {tok.split("=")[0] for tok in argv}  # a resume may not contradict these
-    actions = commands[args.command]._actions
-    args.explicit = {a.dest for a in actions if typed & set(a.option_strings)}
-    return args
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -1949,16 +1845,15 @@ def main(argv=None):
     torchrun only rank 0 prints that line; the other ranks exit alike."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        COMMANDS[args.command][0](args)
-        return 0
+        return COMMANDS[args.command][0](args) or 0
     except UserError as e:
         message = str(e)
     except torch.cuda.OutOfMemoryError:  # training keeps its last checkpoint: it was saved whole
-        message = "out of GPU memory; use a smaller --batch-size (bench: --sample-batch-size too)"
+        message = "out of GPU memory; use a smaller --batch-size"
     except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
         cause = first_line(getattr(e, "inner_exception", e))
         message = f"--compile failed ({cause}); run without --compile, which computes the same"
-    except KeyboardInterrupt:  # Ctrl-C: training has saved its checkpoint by now
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop
         message = "interrupted"
     if os.environ.get("RANK", "0") == "0":
         print(f"ddpm.py: {'error: ' * (message != 'interrupted')}{message}", file=sys.stderr)
