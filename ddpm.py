@@ -757,19 +757,17 @@ def first_line(e):
 
 # --- Progress lines: no phase that takes more than a few seconds is silent ---------------------
 class Progress:
-    """A phase's status line: what, how far, images/s and the time left, every 5 s (in a terminal
-    every 0.5 s, over itself), and the time it took; none for a phase under 5 s. steps: a
-    sampler's steps per batch."""
+    """A phase's status line every 5 s: what, how far, images/s and the time left; then the time
+    it took (none for a phase under 5 s). steps: a sampler's steps per batch."""
 
     def __init__(self, what, total, images_per_tick=1.0, steps=None):
         self.what, self.total, self.per, self.steps = what, total, images_per_tick, steps
-        self.done, self.printed, self.tty = 0, False, sys.stdout.isatty()
-        self.start = self.shown = time.time()
+        self.done, self.printed, self.start, self.shown = 0, False, time.time(), time.time()
 
     def tick(self):
         self.done += 1
         now, finished = time.time(), self.done == self.total
-        if now - self.shown < (0.5 if self.tty else 5.0) and not (finished and self.printed):
+        if now - self.shown < 5.0 and not (finished and self.printed):
             return
         where = f"{self.done}/{self.total}"
         if self.steps:
@@ -777,10 +775,8 @@ class Progress:
             where = f"batch {batch + 1}/{self.total // self.steps}, step {step + 1}/{self.steps}"
         speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
         left = now - self.start if finished else (self.total - self.done) * self.per / speed
-        line = f"{self.what}: {where} | {speed:,.1f} images/s | "
-        line += f"{'took' if finished else 'ETA'} {left:.0f} s"
-        end = "\n" if finished or not self.tty else ""
-        print(f"\r{line}\x1b[K" if self.tty else line, end=end, flush=True)
+        when = f"{'took' if finished else 'ETA'} {left:.0f} s"
+        print(f"{self.what}: {where} | {speed:,.1f} images/s | {when}", flush=True)
         self.shown, self.printed = now, True
 
 
@@ -788,14 +784,8 @@ class Watched:
     """The network as a sampler calls it: ticks progress; keeps x_t at the calls in keep."""
 
     def __init__(self, model, progress, keep=()):
-        self.model, self.progress, self.keep, self.kept, self.calls = (
-            model,
-            progress,
-            list(keep),
-            [],
-            0,
-        )
-        self.training = model.training  # what check_eval reads
+        self.model, self.progress, self.keep = model, progress, list(keep)
+        self.kept, self.calls, self.training = [], 0, model.training  # check_eval reads training
 
     def __call__(self, x_t, t):
         self.kept += [x_t] * self.keep.count(self.calls)  # a sampler of few steps: repeated
@@ -1236,15 +1226,18 @@ def restore(training, ckpt, seed, rank, world, device):
     return ckpt["step"], ckpt["elapsed"]
 
 
-def checkpoint(path, training, state, bad_step, saved_step, world, rank, device):
+def checkpoint(path, training, state, saved_step, world, rank, device):
     """Save state and the parts' states on rank 0 (tensors and plain values: it loads with
-    weights_only=True), once every process has checked that no loss went non-finite since the
-    last save; if rank 0 cannot write, every process stops with its message."""
-    bad = agree([int(bad_step)], world, device)[0]  # reads the GPU, as log rows do
-    if bad >= 0:
-        what = f"the loss or its gradient became NaN or infinite at step {bad}; stopped"
+    weights_only=True), once every process has checked that its weights are finite (a NaN loss or
+    an infinite gradient makes them NaN); if rank 0 cannot write, every process stops with its
+    message."""
+    finite = all(p.isfinite().all() for p in training.net.parameters())
+    if agree([int(not finite)], world, device)[0]:
+        what = f"the loss went NaN or infinite after step {saved_step}, and the weights with it"
         fix = "try --amp none or a lower --lr"
-        raise UserError(f"{what} without saving, so {path} still holds step {saved_step} ({fix})")
+        raise UserError(
+            f"{what}; stopped without saving, so {path} holds step {saved_step} ({fix})"
+        )
     cuda = device.type == "cuda"
     rng = dict(torch=[torch.get_rng_state()], cuda=[torch.cuda.get_rng_state() if cuda else None])
     state = dict(state, format=CKPT_FORMAT, rng=rng)
@@ -1311,10 +1304,10 @@ def train(args):
     # --- The network, Part III's Training of it, the samplers of the pictures and of FID
     config = dict(vars(args), **config, channels=C, num_classes=classes)
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    recipe = dict(
-        lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip, ema_decay=args.ema_decay
+    recipe = dict(lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip)
+    training, diffusion, model = build_training(
+        config, device, amp, args.compile, world, ema_decay=args.ema_decay, **recipe
     )
-    training, diffusion, model = build_training(config, device, amp, args.compile, world, **recipe)
     T, guidance = config["timesteps"], args.guidance if classes else None
     how = (args.sample_steps, args.eta, args.variance, guidance, T, device)
     sampler = fid_sampler = choose_sampler(args.sampler, *how)
@@ -1352,7 +1345,6 @@ def train(args):
 
     # --- The loop: Part III's iteration, then the periodic work (kept out of images/s)
     loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
-    bad_step = torch.full((), -1, device=device)  # the first step with a non-finite loss
     logged_step, saved_step, stopped, away = step, step, False, 0.0
     logged_at = saved_at = started = time.time()
     with files, stop_on_signals() as signals:
@@ -1366,15 +1358,13 @@ def train(args):
             loss, grad_norm = train_iteration(training, diffusion, x_0, step, step_model)
             step += 1
             loss_sum += loss
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            bad_step = torch.where(finite | (bad_step >= 0), bad_step, step)
 
             # What is due, decided alike by every process (they agree every 10 steps)
             epoch, into_epoch = divmod(step, steps_per_epoch)
             log_row, save = step % args.log_every == 0 or step == total_steps, step == total_steps
             if world == 1 or log_row or step % 10 == 0:
                 late = 0 < args.ckpt_minutes <= (time.time() - saved_at) / 60
-                bad = log_row and int(bad_step) >= 0  # reads the GPU, as log rows do anyway
+                bad = log_row and not loss_sum.isfinite()  # reads the GPU, as log rows do
                 stop, late, bad = agree([len(signals), int(late), int(bad)], world, device)
                 stopped, save = stop > 0, save or late > 0 or bad > 0 or stop > 0
             epoch_end = rank == 0 and into_epoch == 0 and not stopped
@@ -1388,7 +1378,7 @@ def train(args):
                 logged_step, logged_at, away = step, now, 0.0
             if save:
                 state = dict(config=config, step=step, elapsed=elapsed + now - started)
-                checkpoint(ckpt_path, training, state, bad_step, saved_step, world, rank, device)
+                checkpoint(ckpt_path, training, state, saved_step, world, rank, device)
                 saved_step, saved_at = step, time.time()
             if epoch_end and args.sample_every and epoch % args.sample_every == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
