@@ -762,7 +762,8 @@ class Progress:
 
     def __init__(self, what, total, images_per_tick=1.0, steps=None):
         self.what, self.total, self.per, self.steps = what, total, images_per_tick, steps
-        self.done, self.printed, self.start, self.shown = 0, False, time.time(), time.time()
+        self.done, self.printed = 0, False
+        self.start = self.shown = time.time()
 
     def tick(self):
         self.done += 1
