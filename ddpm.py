@@ -1151,9 +1151,8 @@ def build_training(config, device, amp, compile_mode, world=1, **recipe):
 def training_data(config, device):
     """(images, labels, classes) of a run's dataset on the device; (images, None, 0) unless it is
     class-conditional."""
-    data, labels, classes = load_dataset(
-        config["dataset"], config["data_dir"], config["image_size"]
-    )
+    what = (config["dataset"], config["data_dir"], config["image_size"])
+    data, labels, classes = load_dataset(*what)
     if not config["class_cond"]:
         return data.to(device), None, 0
     if classes < 2:
@@ -1509,15 +1508,13 @@ def measure_fid(args):
     data_dir = args.data_dir or config.get("data_dir", "data")
     size = config.get("image_size") or images.shape[-1]
     network = inception(device)  # before the long work: a missing package or file stops here
-    mu, sigma, reference = reference_statistics(
-        dataset, data_dir, args.ref_stats, size, network, device
-    )
+    where = (dataset, data_dir, args.ref_stats, size, network, device)
+    mu, sigma, reference = reference_statistics(*where)
     t0, record = time.time(), dict(images=args.images)
     if args.ckpt:
         images, config, sampler = sample_images(args, args.num_samples, device, amp)
-        record = dict(
-            images=f"the EMA weights of {args.ckpt}", sampler=str(sampler), seed=args.seed
-        )
+        images_from = f"the EMA weights of {args.ckpt}"
+        record = dict(images=images_from, sampler=str(sampler), seed=args.seed)
         record.update(step=config["step"], images_seen=config["step"] * config["batch_size"])
     stats = feature_statistics(network, images, device, f"{len(images):,} images")
     fid = round(frechet_distance(*stats, mu, sigma), 4)
