@@ -39,11 +39,16 @@ def main():
     x, y = quality.images("FashionMNIST", args.data_dir, args.size, True)
     x_test, y_test = quality.images("FashionMNIST", args.data_dir, args.size, False)
     net = quality.train_classifier(x, y, x_test, y_test).eval()
-    features = lambda images: net.body(images[:, :1] * 2 - 1)  # noqa: E731 ([0, 1] -> [-1, 1])
+
+    def features(
+        images,
+    ):  # [0, 1] -> [-1, 1]; pool3-shaped, (B, D, 1, 1) in a list, as pytorch-fid's
+        return [net.body(images[:, :1] * 2 - 1)[:, :, None, None]]
+
     ddpm.inception = lambda device: features
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = ddpm.load_dataset("fashion_mnist", args.data_dir, args.size)
+    data = ddpm.load_dataset("fashion_mnist", args.data_dir, args.size)[0]
     mu, sigma = ddpm.feature_statistics(features, data, torch.device("cpu"), "the training set")
     stats = dict(mu=mu.numpy(), sigma=sigma.numpy(), image_size=args.size, images=len(data))
     np.savez(out / "reference.npz", **stats)
