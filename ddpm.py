@@ -1117,7 +1117,21 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
     return mu, sigma, where
 
 
+def sample_fid(network, reference, model, diffusion, *how):
+    """The FID against reference (mu, sigma) of generate(model, diffusion, *how)'s images."""
+    images = generate(model, diffusion, *how)
+    stats = feature_statistics(network, images, diffusion.betas.device, f"{len(images):,} samples")
+    return frechet_distance(*stats, *reference)
+
+
 # --- train: Part III's iteration with checkpoints, resume, logs, signals, NaN guards and DDP ---
+def open_run(path, resume):
+    """The checkpoint to resume, or None for a new run, which may not overwrite one."""
+    if not resume and path.exists():
+        raise UserError(f"{path} exists: add --resume to continue it, or another --out-dir")
+    return load_checkpoint(path) if resume else None
+
+
 def run_config(typed, saved):
     """The network, schedule and data of a run (PAPER's keys): on --resume the checkpoint's
     (saved), which a typed flag (not None) must agree with, --data-dir aside (data may move); for
@@ -1265,6 +1279,16 @@ def log_line(file, wandb, row, total_steps, batch):
         wandb.log(dict(loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=speed), step=step)
 
 
+def print_start(config, parameters, shape, device, amp, steps):
+    """The run's first line; on a CPU, with a network that takes days there, a note."""
+    what = f"{config['model']} ({parameters:,} parameters) on {config['dataset']}"
+    print(f"training {what} {'x'.join(map(str, shape))}, {device}, amp {amp}; step {steps}")
+    if device.type == "cpu" and parameters > 10_000_000:  # a CPU trains it at a few images/s
+        print(
+            f"note: {parameters:,} parameters is a GPU recipe; on a CPU try README.md's quick start"
+        )
+
+
 def import_wandb():
     """wandb, an optional extra, imported only when asked for."""
     try:
@@ -1282,9 +1306,7 @@ def train(args):
     device, amp = setup_device(args.device, args.amp)
     out_dir, B = Path(args.out_dir or f"runs/{args.model or PAPER['model']}"), args.batch_size
     ckpt_path = out_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None  # None: a new run
-    if ckpt is None and ckpt_path.exists():
-        raise UserError(f"{ckpt_path} exists: add --resume to continue it, or another --out-dir")
+    ckpt = open_run(ckpt_path, args.resume)  # None: a new run
     config = run_config({key: getattr(args, key) for key in PAPER}, ckpt and ckpt["config"])
     if B % world:
         raise UserError(f"--batch-size {B} must divide among the {world} processes")
@@ -1304,10 +1326,8 @@ def train(args):
     # --- The network, Part III's Training of it, the samplers of the pictures and of FID
     config = dict(vars(args), **config, channels=C, num_classes=classes)
     torch.manual_seed(args.seed)  # the same initial weights on every process
-    recipe = dict(lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip)
-    training, diffusion, model = build_training(
-        config, device, amp, args.compile, world, ema_decay=args.ema_decay, **recipe
-    )
+    recipe = {key: getattr(args, key) for key in ("lr", "warmup", "grad_clip", "ema_decay")}
+    training, diffusion, model = build_training(config, device, amp, args.compile, world, **recipe)
     T, guidance = config["timesteps"], args.guidance if classes else None
     how = (args.sample_steps, args.eta, args.variance, guidance, T, device)
     sampler = fid_sampler = choose_sampler(args.sampler, *how)
@@ -1324,7 +1344,7 @@ def train(args):
         where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
         reference = reference_statistics(*where)[:2]
         fid_labels = class_labels(None, classes, args.fid_samples)
-        fid_what = (args.fid_samples, (C, H, W), 500, args.seed, amp, fid_labels, classes)
+        fid_what = (fid_sampler, args.fid_samples, (C, H, W), 500, args.seed, amp, fid_labels)
 
     # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
     step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
@@ -1337,11 +1357,8 @@ def train(args):
             fid_log = files.enter_context(open_csv(out_dir / "fid.csv", FID_LOG, step, bool(ckpt)))
         if wandb:  # a resumed run continues its page
             wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
-        n = count_parameters(training.net)
-        what = f"{config['model']} ({n:,} parameters) on {config['dataset']} {N}x{C}x{H}x{W}"
-        print(f"training {what}, {device}, amp {amp}; step {step}/{total_steps}")
-        if device.type == "cpu" and n > 10_000_000:  # a CPU trains it at a few images/s
-            print(f"note: {n:,} parameters is a GPU recipe; on a CPU try README.md's quick start")
+        n, steps = count_parameters(training.net), f"{step}/{total_steps}"
+        print_start(config, n, data.shape, device, amp, steps)
 
     # --- The loop: Part III's iteration, then the periodic work (kept out of images/s)
     loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
@@ -1385,12 +1402,10 @@ def train(args):
                 path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
             if epoch_end and args.fid_every and epoch % args.fid_every == 0:
-                images = generate(training.ema, diffusion, fid_sampler, *fid_what)
-                stats = feature_statistics(network, images, device, f"{len(images):,} samples")
-                fid, seconds = frechet_distance(*stats, *reference), time.time() - now
-                row = [step, step * B, f"{fid:.4f}", len(images), fid_sampler, f"{seconds:.1f}"]
-                csv.writer(fid_log).writerow(row)
-                print(f"FID {fid:.2f} at step {step} ({step * B:,} images seen; {row[-1]} s)")
+                fid = sample_fid(network, reference, training.ema, diffusion, *fid_what, classes)
+                row = [step, step * B, f"{fid:.4f}", args.fid_samples, fid_sampler]
+                csv.writer(fid_log).writerow(row + [f"{time.time() - now:.1f}"])
+                print(f"FID {fid:.2f} at step {step} ({step * B:,} images seen)", flush=True)
                 if wandb:
                     wandb.log({"fid": fid}, step=step)
             away += time.time() - now  # checkpoints, grids and FID
