@@ -56,16 +56,32 @@ def float64_schedule(T=1000):
     return betas, alphas_cumprod, np.append(1.0, alphas_cumprod[:-1])
 
 
-def test_file_budget():
-    """ddpm.py: at most 1,700 non-blank lines (1,500 before FID was built in), the method (Parts
-    I-III, up to the banner) at most 650; no line over 100 characters up to the banner and none
-    over 110 after it."""
+def test_file_budget_and_plain_forms():
+    """ddpm.py: the method (Parts I-III, up to the banner) at most 600 non-blank lines and the file
+    at most 1,610 (the brief asks for 1,400, not met yet); no definition after the banner longer
+    than 120 lines; no line over 100 characters up to the banner or 110 after it; no walrus, no
+    ternary inside a ternary and no lambda bound to a name (STYLE.md: cut, do not compress)."""
     lines = SOURCE.splitlines()
     banner = next(i for i, line in enumerate(lines) if line.startswith(BANNER))
-    nonblank = lambda part: sum(1 for line in part if line.strip())  # noqa: E731
-    assert nonblank(lines) <= 1700 and nonblank(lines[:banner]) <= 650
+
+    def nonblank(part):
+        return sum(1 for line in part if line.strip())
+
+    assert nonblank(lines) <= 1610 and nonblank(lines[:banner]) <= 600
     assert max(len(line) for line in lines[:banner]) <= 100
     assert max(len(line) for line in lines[banner:]) <= 110
+    tree = ast.parse(SOURCE)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.lineno > banner:
+            assert nonblank(lines[node.lineno - 1 : node.end_lineno]) <= 120, node.name
+    for node in ast.walk(tree):
+        assert not isinstance(node, ast.NamedExpr), node.lineno
+        assert not (isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda)), (
+            node.lineno
+        )
+        if isinstance(node, ast.IfExp):
+            inner = [n for n in ast.walk(node) if n is not node]
+            assert not any(isinstance(n, ast.IfExp) for n in inner), node.lineno
 
 
 # -----------------------------------------------------------------------------
