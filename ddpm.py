@@ -545,8 +545,9 @@ def train_iteration(training, diffusion, x_0, step, model=None):
     weights (training.net itself unless given). Returns (loss, grad_norm)."""
     if model is None:
         model = training.net
-    t = training  # the state and the recipe
-    loss, grad_norm = train_step(model, diffusion, t.optimizer, x_0, t.grad_clip, t.amp)
+    loss, grad_norm = train_step(  # Alg. 1, lines 3-5
+        model, diffusion, training.optimizer, x_0, training.grad_clip, training.amp
+    )
     training.scheduler.step()
     ema_update(training.ema, training.net, step, training.ema_decay)
     return loss, grad_norm
