@@ -979,10 +979,12 @@ class Sampler:
         return f"{self.name}, {self.steps} steps{extra}"
 
 
-def choose_sampler(name, steps, eta, variance, guidance, num_timesteps, device):
-    """The Sampler that --sampler, --sample-steps, --eta, --variance and --guidance describe. auto:
-    Algorithm 2 on a GPU; elsewhere DDIM with eta 1 at 100 steps, which drew recognisable images
-    earlier in training than DPM-Solver++ did (README, Samplers)."""
+def choose_sampler(name, steps, eta, variance, guidance, config, device):
+    """The Sampler that the sampler flags describe for the model of a config (its T; guidance if it
+    is class-conditional). auto: Algorithm 2 on a GPU, else DDIM eta 1 at 100 steps (README)."""
+    num_timesteps = config["timesteps"]
+    if not config.get("num_classes"):
+        guidance = None
     if name == "auto" and device.type == "cuda":
         name = "ddpm"
     elif name == "auto":
@@ -1134,9 +1136,8 @@ def open_run(path, resume):
 
 
 def run_config(typed, saved):
-    """The network, schedule and data of a run (PAPER's keys): on --resume the checkpoint's
-    (saved), which a typed flag (not None) must agree with, --data-dir aside (data may move); for
-    a new run the typed flags, and PAPER's values for the others."""
+    """The network, schedule and data of a run (PAPER's keys): on --resume the checkpoint's, which
+    a typed flag must agree with (but --data-dir: data may move); else the flags, or PAPER's."""
     config = {}
     for key, default in PAPER.items():
         config[key] = default if saved is None else saved.get(key, default)
@@ -1150,9 +1151,8 @@ def run_config(typed, saved):
 
 
 def build_training(config, device, amp, compile_mode, world=1, **recipe):
-    """(training, diffusion, model): Part III's Training of the configured network (recipe: that
-    of make_training), its schedule, and the network as the iteration calls it: in DDP over world
-    processes, compiled in compile_mode."""
+    """(training, diffusion, model): Part III's Training of the configured network (recipe: as
+    make_training's), its schedule, and the network as the iteration calls it: in DDP, compiled."""
     net = to_device(build_model(config), device)
     training = make_training(net, amp=amp, **recipe)
     diffusion = GaussianDiffusion(SCHEDULES[config["schedule"]](config["timesteps"])).to(device)
@@ -1225,9 +1225,8 @@ def parts(training):
 
 
 def restore(training, ckpt, seed, rank, world, device):
-    """(step, elapsed seconds): 0 for a new run, whose processes seed their random streams each;
-    a resumed one loads its parts and, on one process, continues its random streams exactly
-    (several processes start new ones)."""
+    """(step, elapsed seconds) of a resumed run, its parts and random streams restored (new streams
+    for several processes); (0, 0.0) for a new run, each process seeded apart."""
     torch.manual_seed(seed + rank)  # a different t, eps, flip and dropout per process
     if ckpt is None:
         return 0, 0.0
@@ -1242,10 +1241,8 @@ def restore(training, ckpt, seed, rank, world, device):
 
 
 def checkpoint(path, training, state, saved_step, world, rank, device):
-    """Save state and the parts' states on rank 0 (tensors and plain values: it loads with
-    weights_only=True), once every process has checked that its weights are finite (a NaN loss or
-    an infinite gradient makes them NaN); if rank 0 cannot write, every process stops with its
-    message."""
+    """Save state and the parts' states on rank 0 once every process has found its weights finite
+    (a NaN loss or an infinite gradient makes them NaN); if rank 0 cannot write, all stop."""
     finite = all(p.isfinite().all() for p in training.net.parameters())
     if agree([int(not finite)], world, device)[0]:
         what = f"the loss went NaN or infinite after step {saved_step}, and the weights with it"
@@ -1329,11 +1326,11 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     recipe = {key: getattr(args, key) for key in ("lr", "warmup", "grad_clip", "ema_decay")}
     training, diffusion, model = build_training(config, device, amp, args.compile, world, **recipe)
-    T, guidance = config["timesteps"], args.guidance if classes else None
-    how = (args.sample_steps, args.eta, args.variance, guidance, T, device)
+    how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
     sampler = fid_sampler = choose_sampler(args.sampler, *how)
     if args.sampler == "auto":  # DDIM, eta 1, 100 steps tracked the 1000-step sampler's FID best
-        fid_sampler = Sampler("ddim", min(100, T), 1.0, guidance=guidance)
+        steps = min(100, config["timesteps"])
+        fid_sampler = choose_sampler("ddim", steps, 1.0, *how[2:])
     config.update(sampler=str(sampler), fid_sampler=str(fid_sampler))
     grid_model, grid_y = training.ema, torch.arange(8 * classes, device=device) // 8
     if classes:  # a row of 8 for each class
@@ -1454,18 +1451,13 @@ def class_labels(label, classes, n):
     return torch.arange(n) % classes if label is None else torch.full((n,), label)
 
 
-def sample_images(args, n, device, amp):
-    """(images, config, sampler): n images (n, C, H, W) uint8 from --ckpt, drawn as sample's and
-    fid's flags say."""
-    model, diffusion, config = load_sampler(args.ckpt, device)
+def sample_images(model, diffusion, config, sampler, n, label, batch_size, seed, amp):
+    """(n, C, H, W) uint8 images from a checkpoint's model and config, as sample and fid draw them:
+    with sampler, and for a class-conditional model of the classes --class (label) asks for."""
     classes, S = config.get("num_classes", 0), config["image_size"]
-    guidance = args.guidance if classes else None
-    how = (args.sample_steps, args.eta, args.variance, guidance, config["timesteps"], device)
-    sampler = choose_sampler(args.sampler, *how)
-    labels = class_labels(args.label, classes, n)
-    what = (n, (config["channels"], S, S), args.batch_size, args.seed, amp, labels, classes)
-    images = generate(compile_model(model, args.compile), diffusion, sampler, *what)
-    return images, config, sampler
+    labels = class_labels(label, classes, n)
+    shape = (config["channels"], S, S)
+    return generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels, classes)
 
 
 def write_samples(args):
@@ -1478,9 +1470,12 @@ def write_samples(args):
     if args.format == "png" and stale:  # an earlier, larger run's images: FID would read them
         what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
         raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
-    load_checkpoint(args.ckpt)  # its errors before the folder is made
+    model, diffusion, config = load_sampler(args.ckpt, device)
+    how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
+    sampler = choose_sampler(args.sampler, *how)
     prepare_out_dir(out_dir)
-    images, config, sampler = sample_images(args, n, device, amp)  # (n, C, H, W) uint8
+    model, how = compile_model(model, args.compile), (args.label, args.batch_size, args.seed, amp)
+    images = sample_images(model, diffusion, config, sampler, n, *how)  # (n, C, H, W) uint8
     shown = 8 * config.get("num_classes", 0) if args.label == "all" else 64  # all: a row a class
     save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png")
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
@@ -1518,8 +1513,13 @@ def measure_fid(args):
     if bool(args.ckpt) == bool(args.images):
         raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR|FILE.npz")
     device, amp = setup_device(args.device, args.amp)
-    config = load_checkpoint(args.ckpt)["config"] if args.ckpt else {}
-    images = None if args.ckpt else read_images(Path(args.images))  # (N, C, H, W) uint8
+    config, images = {}, None
+    if args.ckpt:
+        model, diffusion, config = load_sampler(args.ckpt, device)
+        how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
+        sampler = choose_sampler(args.sampler, *how)
+    else:
+        images = read_images(Path(args.images))  # (N, C, H, W) uint8
     dataset = args.dataset or config.get("dataset", "cifar10")  # the run's training set
     data_dir = args.data_dir or config.get("data_dir", "data")
     size = config.get("image_size") or images.shape[-1]
@@ -1528,7 +1528,11 @@ def measure_fid(args):
     mu, sigma, reference = reference_statistics(*where)
     t0, record = time.time(), dict(images=args.images)
     if args.ckpt:
-        images, config, sampler = sample_images(args, args.num_samples, device, amp)
+        model, how = (
+            compile_model(model, args.compile),
+            (args.label, args.batch_size, args.seed, amp),
+        )
+        images = sample_images(model, diffusion, config, sampler, args.num_samples, *how)
         images_from = f"the EMA weights of {args.ckpt}"
         record = dict(images=images_from, sampler=str(sampler), seed=args.seed)
         record.update(step=config["step"], images_seen=config["step"] * config["batch_size"])

@@ -1070,16 +1070,18 @@ def test_the_sampler_is_described_once_and_auto_is_ddpm_on_cuda_ddim_elsewhere()
     names the sampler, its steps, eta or variance, and the guidance weight of a conditional
     model."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    auto = ddpm.choose_sampler("auto", None, 0.0, "fixedlarge", None, 1000, cuda)
+    paper, conditional = dict(timesteps=1000), dict(timesteps=1000, num_classes=10)
+    auto = ddpm.choose_sampler("auto", None, 0.0, "fixedlarge", 0.5, paper, cuda)
     assert auto == ddpm.Sampler("ddpm", 1000) and str(auto) == "ddpm, 1000 steps, fixedlarge"
-    auto = ddpm.choose_sampler("auto", None, 0.0, "fixedlarge", 0.5, 1000, cpu)
+    auto = ddpm.choose_sampler("auto", None, 0.0, "fixedlarge", 0.5, conditional, cpu)
     assert str(auto) == "ddim, 100 steps, eta 1, guidance w = 0.5"
-    assert ddpm.choose_sampler("auto", None, 0.0, "fixedsmall", None, 20, cpu).steps == 20
-    assert ddpm.choose_sampler("ddim", 7, 0.3, "fixedlarge", None, 1000, cpu).steps == 7
-    dpm = ddpm.choose_sampler("dpm++", None, 0.0, "fixedlarge", None, 1000, cpu)
+    short = dict(timesteps=20)
+    assert ddpm.choose_sampler("auto", None, 0.0, "fixedsmall", 0.5, short, cpu).steps == 20
+    assert ddpm.choose_sampler("ddim", 7, 0.3, "fixedlarge", 0.5, paper, cpu).steps == 7
+    dpm = ddpm.choose_sampler("dpm++", None, 0.0, "fixedlarge", 0.5, paper, cpu)
     assert str(dpm) == "dpm++, 20 steps"
     with pytest.raises(ddpm.UserError, match="--sample-steps 21: more than the model's T = 20"):
-        ddpm.choose_sampler("ddim", 21, 0.0, "fixedlarge", None, 20, cpu)
+        ddpm.choose_sampler("ddim", 21, 0.0, "fixedlarge", None, short, cpu)
 
 
 # -----------------------------------------------------------------------------
