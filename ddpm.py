@@ -361,7 +361,8 @@ class ResAttUNet(nn.Module):
         if base_channels < 32 or any(w % 32 for w in widths):
             why = "so that GroupNorm(32) can split them"
             raise ValueError(f"channel widths {widths} must be multiples of 32 {why}")
-        self.base_channels, temb_ch = base_channels, 4 * base_channels
+        self.base_channels, self.num_classes = base_channels, num_classes
+        temb_ch = 4 * base_channels
         # timestep embedding: sinusoid (base) -> Linear (4 base) -> SiLU -> Linear (4 base)
         self.temb = nn.Sequential(
             init_(nn.Linear(base_channels, temb_ch)), nn.SiLU(), init_(nn.Linear(temb_ch, temb_ch))
@@ -408,10 +409,13 @@ class ResAttUNet(nn.Module):
         self.conv_out = init_(nn.Conv2d(ch, in_channels, 3, padding=1), scale=0.0)  # zero init
 
     def forward(self, x, t, y=None):
-        """x: (B, C, H, W) noisy images x_t, t: (B,) code steps, y: (B,) class labels or None
-        -> eps_pred (B, C, H, W)."""
+        """x: (B, C, H, W) noisy images x_t, t: (B,) code steps, y: (B,) class labels (None: "no
+        label"; only a class-conditional network takes them) -> eps_pred (B, C, H, W)."""
         temb = self.temb(timestep_embedding(t, self.base_channels))  # (B, 4 base)
-        if y is not None:  # as the conditional DDPM and ADM networks do: added to the time's
+        if y is not None and not self.num_classes:
+            raise ValueError("class labels y for a network without them (num_classes=0)")
+        if self.num_classes:  # as the conditional DDPM and ADM networks do: added to the time's
+            y = torch.full_like(t, self.num_classes) if y is None else y  # (B,); None: "no label"
             temb = temb + self.label_emb(y)  # (B, 4 base)
         hs = [self.conv_in(x)]  # (B, base, H, W): the first skip
         for level, stages in enumerate(self.down):
@@ -740,7 +744,7 @@ class Guided:
         if self.w == 0:  # the conditional model alone: half the work
             return self.model(x_t, t, self.y[: len(x_t)])
         eps = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), self.y)  # (2B, C, H, W)
-        eps_y, eps_none = eps.chunk(2)  # 2 x (B, C, H, W)
+        eps_y, eps_none = eps.float().chunk(2)  # 2 x (B, C, H, W), in float32 under autocast too
         return (1 + self.w) * eps_y - self.w * eps_none
 
 
@@ -829,17 +833,27 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     return x.contiguous(), torch.as_tensor(ds.targets)[keep], len(ds.classes)
 
 
+def image_files(root, flag="--data-dir"):
+    """The .png/.jpg files under root, in a fixed order; a grid.png (sample's grid of the images
+    beside it) left out, with a note."""
+    if not root.is_dir():
+        raise UserError(f"{flag} {root} is not a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if any(p.name == "grid.png" for p in files):
+        print(f"note: {flag} {root}: grid.png left out (a grid of the images there)")
+    files = [p for p in files if p.name != "grid.png"]
+    if not files:
+        raise UserError(f"{flag} {root} holds no .png/.jpg/.jpeg images")
+    return files
+
+
 def load_image_folder(root, size, max_images=None, flag="--data-dir"):
     """(images, labels, classes) as load_dataset, of the .png/.jpg files under root in a fixed
     order, each resized to size (None: the first's) on its shorter side and centre-cropped, grey
     if the first is; a class a subfolder (labels None where some image is in none)."""
     from PIL import Image  # Pillow: installed with torchvision
 
-    if not root.is_dir():
-        raise UserError(f"{flag} {root} is not a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        raise UserError(f"{flag} {root} holds no .png/.jpg/.jpeg images")
+    files = image_files(root, flag)
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
     with Image.open(files[0]) as im:  # the first image decides the channels (and the size)
         mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
@@ -1017,12 +1031,15 @@ def save_grid(x, path, nrow=8):
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
+Z_STREAM = 0x9E3779B9  # seed ^ Z_STREAM seeds the noise z: never x_T's seed (a non-zero XOR)
+
+
 def draw_pictures(model, diffusion, sampler, x_T, amp, seed, path, rows=()):
     """A grid of the samples from x_T at path (the same z from seed every time); rows: also
     reverse_process.png beside it, a row for each of those images: x_t at 9 evenly spaced sampler
     steps from pure noise, then x_0."""
     progress = Progress(f"{path.name} ({sampler})", sampler.steps, len(x_T) / sampler.steps)
-    generator = torch.Generator(x_T.device).manual_seed(seed)
+    generator = torch.Generator(x_T.device).manual_seed(seed ^ Z_STREAM)
     keep = [i * sampler.steps // 9 for i in range(9)] if rows else []
     x_0, kept = run_sampler(diffusion, model, x_T, sampler, amp, generator, progress, keep)
     save_grid(x_0, path)
@@ -1037,7 +1054,7 @@ def generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels=
     draw from a class-conditional model of `classes` classes, guided by sampler.guidance."""
     device, batch = diffusion.betas.device, min(batch_size, n)
     x_T_generator = torch.Generator().manual_seed(seed)
-    z_generator = torch.Generator(device).manual_seed(seed)
+    z_generator = torch.Generator(device).manual_seed(seed ^ Z_STREAM)
     batches, K = math.ceil(n / batch), sampler.steps
     progress = Progress(f"sampling {n} images ({sampler})", batches * K, batch / K, steps=K)
     images = []
@@ -1076,6 +1093,8 @@ def inception(device):
 def feature_statistics(network, images, device, what):
     """(mu, sigma): the mean and covariance, in float64, of the network's features of uint8 images
     (N, C, H, W), which reach it as a PNG file reaches pytorch-fid: RGB floats in [0, 1]."""
+    if len(images) < 2:  # one image has no covariance
+        raise UserError(f"FID needs 2 or more images; {what} has {len(images)}")
     progress, features = Progress(f"features of {what}", math.ceil(len(images) / 250), 250), []
     for batch in images.split(250):
         x = batch.to(device).float().div(255).expand(-1, 3, -1, -1)  # grey: 3 equal channels
@@ -1094,25 +1113,38 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
     """(mu, sigma, where from): those in the npz ref_stats, or those of the training set at size x
-    size, computed once and cached in data_dir (the paper's reference: all 50,000 CIFAR-10
-    training images)."""
+    size, computed once and cached in data_dir, again when its files change (the paper's
+    reference: all 50,000 CIFAR-10 training images)."""
     path = Path(ref_stats or Path(data_dir) / f"fid_stats_{dataset}_{size}px.npz")
+    files = dataset  # what the cache is of: a torchvision set, or a folder's files as they are
+    if dataset == "folder" and not ref_stats:
+        stats = [p.stat() for p in image_files(Path(data_dir))]
+        files = f"{len(stats)} files of {sum(s.st_size for s in stats)} bytes, the last changed "
+        files += str(max(s.st_mtime for s in stats))
     if ref_stats or path.is_file():
         try:
             with np.load(path) as f:
                 mu, sigma, saved = f["mu"], f["sigma"], int(f.get("image_size", size))
                 n = f"{int(f['images']):,} images' statistics" if "images" in f else "statistics"
+                same = ref_stats or str(f.get("files", "")) == files
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"--ref-stats {path}: not an npz of mu and sigma ({first_line(e)})")
         if saved != size:
             raise UserError(f"{path} holds statistics of {saved}x{saved} images; these are {size}")
-        return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"{n} in {path}"
+        with torch.no_grad():  # the network's features: as many as the reference's, and finite
+            D = network(torch.zeros(1, 3, size, size, device=device))[0].shape[1]
+        finite = np.isfinite(mu).all() and np.isfinite(sigma).all()
+        if mu.shape != (D,) or sigma.shape != (D, D) or not finite:
+            raise UserError(f"{path}: mu and sigma must be finite, of the network's {D} features")
+        if same:
+            return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"{n} in {path}"
     images = load_dataset(dataset, data_dir, size)[0]
     mu, sigma = feature_statistics(network, images, device, f"the {dataset} training set")
     where = f"{len(images):,} {dataset} training images"
     tmp = path.with_suffix(".tmp.npz")
     try:  # whole or not at all; a read-only data_dir: not cached
-        np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
+        stats = dict(mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
+        np.savez(tmp, **stats, files=files)
         os.replace(tmp, path)
         where += f", cached in {path}"
     except OSError:
@@ -1163,15 +1195,17 @@ def build_training(config, device, amp, compile_mode, world=1, **recipe):
     return training, diffusion, model
 
 
-def training_data(config, device):
+def training_data(config, cond_drop, device):
     """(images, labels, classes) of a run's dataset on the device; (images, None, 0) unless it is
-    class-conditional."""
+    class-conditional, which needs classes and a "no label" share to learn (guidance uses it)."""
     what = (config["dataset"], config["data_dir"], config["image_size"])
     data, labels, classes = load_dataset(*what)
     if not config["class_cond"]:
         return data.to(device), None, 0
     if classes < 2:
         raise UserError("--class-cond needs 2 or more classes, a subfolder each of --data-dir")
+    if cond_drop == 0:
+        raise UserError("--class-cond with --cond-drop 0 learns no 'no label' row for guidance")
     return data.to(device), labels.to(device), classes
 
 
@@ -1287,6 +1321,18 @@ def print_start(config, parameters, shape, device, amp, steps):
         )
 
 
+def grid_of(ema, classes, guidance, shape, seed, device):
+    """(model, x_T, rows) of the grids a run draws: 64 images from the EMA weights and one x_T, and
+    the 8 rows of the reverse-process picture; for a class-conditional run, a row of 8 for each
+    class (16 at most), guided, and the first image of each in that picture."""
+    x_T = torch.randn((64, *shape), generator=torch.Generator().manual_seed(seed))  # (64, C, H, W)
+    if not classes:
+        return ema, x_T.to(device), range(8)
+    y = torch.arange(8 * min(classes, 16), device=device) // 8  # (8 K,)
+    x_T = torch.randn((len(y), *shape), generator=torch.Generator().manual_seed(seed))
+    return Guided(ema, y, guidance, classes), x_T.to(device), range(0, len(y), 8)
+
+
 def import_wandb():
     """wandb, an optional extra, imported only when asked for."""
     try:
@@ -1313,7 +1359,9 @@ def train(args):
         prepare_out_dir(out_dir)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    data, labels, classes = training_data(config, device)  # labels: for guidance (not paper)
+    data, labels, classes = training_data(
+        config, args.cond_drop, device
+    )  # labels: for guidance (not paper)
     N, C, H, W = data.shape
     steps_per_epoch = N // B  # NOTE(paper): full batches only
     if steps_per_epoch == 0:
@@ -1332,17 +1380,15 @@ def train(args):
         steps = min(100, config["timesteps"])
         fid_sampler = choose_sampler("ddim", steps, 1.0, *how[2:])
     config.update(sampler=str(sampler), fid_sampler=str(fid_sampler))
-    grid_model, grid_y = training.ema, torch.arange(8 * classes, device=device) // 8
-    if classes:  # a row of 8 for each class
-        grid_model = Guided(training.ema, grid_y, args.guidance, classes)
-    generator = torch.Generator().manual_seed(args.seed)  # the same x_T for every grid
-    x_T = torch.randn((len(grid_y) or 64, C, H, W), generator=generator).to(device)
+    grid_model, x_T, rows = grid_of(
+        training.ema, classes, args.guidance, (C, H, W), args.seed, device
+    )
     if args.fid_every and rank == 0:  # the network and the reference first: their errors too
         network = inception(device)
         where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
         reference = reference_statistics(*where)[:2]
         fid_labels = class_labels(None, classes, args.fid_samples)
-        fid_what = (fid_sampler, args.fid_samples, (C, H, W), 500, args.seed, amp, fid_labels)
+        fid_what = (fid_sampler, args.fid_samples, (C, H, W), args.fid_batch_size, args.seed, amp)
 
     # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
     step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
@@ -1400,7 +1446,8 @@ def train(args):
                 path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
             if epoch_end and args.fid_every and epoch % args.fid_every == 0:
-                fid = sample_fid(network, reference, training.ema, diffusion, *fid_what, classes)
+                what = (*fid_what, fid_labels, classes)
+                fid = sample_fid(network, reference, training.ema, diffusion, *what)
                 row = [step, step * B, f"{fid:.4f}", args.fid_samples, fid_sampler]
                 csv.writer(fid_log).writerow(row + [f"{time.time() - now:.1f}"])
                 print(f"FID {fid:.2f} at step {step} ({step * B:,} images seen)", flush=True)
@@ -1413,7 +1460,6 @@ def train(args):
     if rank == 0 and stopped:
         print(f"\nstopped at step {step}: saved {ckpt_path}; go on with --resume", file=sys.stderr)
     elif rank == 0:
-        rows = range(0, len(grid_y), 8) if classes else range(8)  # one image per class
         draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path, rows)
         minutes = (elapsed + time.time() - started) / 60
         print(f"done: {step} steps in {minutes:.1f} min; {ckpt_path}, {path}")
@@ -1464,19 +1510,22 @@ def write_samples(args):
     """sample: --num-samples images from a checkpoint alone, as PNG files or one npz, a grid, and a
     record of how they were drawn (sample.json)."""
     device, amp = setup_device(args.device, args.amp)
-    out_dir, n = Path(args.out_dir or Path(args.ckpt).parent / "samples"), args.num_samples
+    model, diffusion, config = load_sampler(args.ckpt, device)
+    how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
+    sampler, classes = choose_sampler(args.sampler, *how), config.get("num_classes", 0)
+    n, shown = args.num_samples, 64  # the grid: the first 64
+    if args.label == "all":  # a row of 8 for each class, 16 classes at most in the grid
+        shown = 8 * min(classes, 16)
+        n = max(n, shown)
+    out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     folder = out_dir / "images"
     stale = [p for p in folder.glob("*.png") if not p.stem.isdigit() or int(p.stem) >= n]
     if args.format == "png" and stale:  # an earlier, larger run's images: FID would read them
         what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
         raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
-    model, diffusion, config = load_sampler(args.ckpt, device)
-    how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
-    sampler = choose_sampler(args.sampler, *how)
     prepare_out_dir(out_dir)
     model, how = compile_model(model, args.compile), (args.label, args.batch_size, args.seed, amp)
     images = sample_images(model, diffusion, config, sampler, n, *how)  # (n, C, H, W) uint8
-    shown = 8 * config.get("num_classes", 0) if args.label == "all" else 64  # all: a row a class
     save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png")
     if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
         folder.mkdir(exist_ok=True)
@@ -1534,7 +1583,7 @@ def measure_fid(args):
         )
         images = sample_images(model, diffusion, config, sampler, args.num_samples, *how)
         images_from = f"the EMA weights of {args.ckpt}"
-        record = dict(images=images_from, sampler=str(sampler), seed=args.seed)
+        record = dict(images=images_from, sampler=str(sampler), seed=args.seed, label=args.label)
         record.update(step=config["step"], images_seen=config["step"] * config["batch_size"])
     stats = feature_statistics(network, images, device, f"{len(images):,} images")
     fid = round(frechet_distance(*stats, mu, sigma), 4)
@@ -1758,6 +1807,7 @@ TRAIN_FLAGS = [
     ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
     ("--fid-every", COUNT, 0, "an FID every N epochs, in fid.csv (needs pytorch-fid); 0: off"),
     ("--fid-samples", bounded(int, 2, 10**7), 10_000, "samples per --fid-every FID; paper: 50000"),
+    ("--fid-batch-size", BATCH, 500, "images per sampler batch of a --fid-every FID"),
     ("--ref-stats", str, None, "FID reference: an npz of mu and sigma; None: the training set's"),
 ]
 SAMPLE_FLAGS = [
