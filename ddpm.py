@@ -57,6 +57,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -1712,6 +1713,118 @@ def plot_runs(runs, path):
     print(f"wrote {path}")
 
 
+# --- import: the paper's released weights, from diffusers' format --------------------------------
+# Our names from diffusers' UNet2DModel's, rule by rule: the same network, weight for weight
+TO_DIFFUSERS = [
+    (r"^temb\.0\.", "time_embedding.linear_1."),
+    (r"^temb\.2\.", "time_embedding.linear_2."),
+    (r"^(down|up)\.(\d+)\.(\d+)\.0\.", r"\1_blocks.\2.resnets.\3."),
+    (r"^(down|up)\.(\d+)\.(\d+)\.1\.", r"\1_blocks.\2.attentions.\3."),
+    (r"^(down|up)sample\.(\d+)\.1\.", r"\1_blocks.\2.\1samplers.0.conv."),
+    (r"^mid_block1\.", "mid_block.resnets.0."),
+    (r"^mid_attn\.", "mid_block.attentions.0."),
+    (r"^mid_block2\.", "mid_block.resnets.1."),
+    (r"^norm_out\.", "conv_norm_out."),
+    (r"\.temb_proj\.", ".time_emb_proj."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+    (r"(attentions\.\d+)\.norm\.", r"\1.group_norm."),
+    (r"\.proj_out\.", ".to_out.0."),
+]
+# what diffusers' UNet2DModel must be set to for it to be the paper's network
+PAPER_UNET = dict(act_fn="silu", attention_head_dim=None, center_input_sample=False)
+PAPER_UNET.update(
+    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1
+)
+PAPER_UNET.update(norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional")
+LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)  # the scheduler's
+
+
+def read_json(path):
+    """A JSON file, or one line saying it is not one."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a diffusers configuration ({first_line(e)})")
+
+
+def diffusers_config(folder):
+    """(our configuration, the weights file) of a diffusers UNet2DModel folder, or of a pipeline
+    folder with unet/ and scheduler/; one line for anything else."""
+    unet = folder / "unet" if (folder / "unet").is_dir() else folder
+    unet_config = read_json(unet / "config.json")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    schedule = read_json(scheduler) if scheduler.is_file() else {}  # none: the paper's, assumed
+    wrong = [(k, unet_config.get(k)) for k, v in PAPER_UNET.items() if unet_config.get(k, v) != v]
+    wrong += [(k, schedule[k]) for k, v in LINEAR.items() if schedule.get(k, v) != v]
+    if unet_config.get("_class_name") != "UNet2DModel" or wrong:
+        what = wrong[0] if wrong else ("_class_name", unet_config.get("_class_name"))
+        raise UserError(f"{unet}: not the paper's network and schedule ({what[0]} = {what[1]})")
+    widths, size = unet_config["block_out_channels"], unet_config["sample_size"]
+    attention = [
+        size // 2**k for k, kind in enumerate(unet_config["down_block_types"]) if "Attn" in kind
+    ]
+    config = dict(PAPER, model="res_att" if attention else "res", image_size=size)
+    config.update(base_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
+    config.update(num_res_blocks=unet_config["layers_per_block"], attn_resolutions=attention)
+    config.update(
+        timesteps=schedule.get("num_train_timesteps", 1000), channels=unet_config["in_channels"]
+    )
+    files = [unet / f"diffusion_pytorch_model.{kind}" for kind in ("safetensors", "bin")]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise UserError(f"{unet} holds no diffusion_pytorch_model.safetensors or .bin")
+    return config, files[0]
+
+
+def read_weights(path):
+    """The tensors of a .safetensors file (the safetensors package, an optional extra) or of a
+    .bin file (torch.load with weights_only=True: never code)."""
+    try:
+        if path.suffix == ".bin":
+            return torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{path} needs the safetensors package: pip install safetensors")
+    except Exception as e:
+        raise UserError(f"cannot load {path} ({first_line(e)})")
+    return load_file(path)
+
+
+def import_weights(args):
+    """import: a ckpt.pt in --out-dir from a folder in diffusers' format (the paper's released
+    weights: google/ddpm-cifar10-32 and others), every weight mapped and its shape checked, for
+    sample, fid and --resume."""
+    config, path = diffusers_config(Path(args.folder))
+    config.update(dataset=args.dataset, data_dir=args.data_dir, num_classes=0, batch_size=128)
+    theirs, state = read_weights(path), {}
+    net = build_model(config)
+    for name, ours in net.state_dict().items():
+        source = name
+        for pattern, replacement in TO_DIFFUSERS:
+            source = re.sub(pattern, replacement, source)
+        if name.endswith(("qkv.weight", "qkv.bias")):  # q, k and v: one (3C, C, 1, 1) kernel
+            names = [source.replace("qkv", kind) for kind in ("to_q", "to_k", "to_v")]
+            tensor = torch.cat([theirs.pop(n) for n in names if n in theirs])
+        else:
+            tensor = theirs.pop(source, None)
+        if tensor is None or tensor.shape not in (ours.shape, ours.shape[:2]):
+            raise UserError(
+                f"{path}: {source} is missing, or does not fit our {name} {tuple(ours.shape)}"
+            )
+        state[name] = tensor.reshape(ours.shape)  # a linear layer's (C, C) as a 1x1 conv's
+    if theirs:
+        raise UserError(f"{path}: {next(iter(theirs))} has no place in the paper's network")
+    net.load_state_dict(state)
+    training = make_training(net)
+    out_dir = Path(args.out_dir)
+    prepare_out_dir(out_dir)
+    rng = dict(torch=[torch.get_rng_state()], cuda=[None])
+    ckpt = dict(format=CKPT_FORMAT, config=dict(config, imported_from=str(path)), step=0)
+    ckpt.update(elapsed=0.0, rng=rng, **{k: p.state_dict() for k, p in parts(training).items()})
+    save_checkpoint(out_dir / "ckpt.pt", ckpt)
+    print(f"wrote {out_dir / 'ckpt.pt'}: {count_parameters(net):,} parameters from {path}")
+
+
 # --- Command line --------------------------------------------------------------------------------
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as a UserError (one line)."""
@@ -1833,6 +1946,7 @@ FORWARD_FLAGS += [
     ("--num-images", bounded(int, 1, 10**4), 8, "rows, one image each"),
     ("--out-dir", str, "runs", "writes forward_process.png there"),
 ]
+IMPORT_FLAGS = [("--out-dir", str, "runs/imported", "where ckpt.pt goes"), *RUN_FLAGS[9:11]]
 BENCH_FLAGS = [
     ("--batch-size", BATCH, None, "images per call; None: 128 on a GPU, 32 on a CPU"),
     ("--steps", bounded(int, 1, 10**6), 20, "timed calls of each, after 3 untimed ones"),
@@ -1856,7 +1970,7 @@ def add_flags(parser, title, rows, decided=""):
 
 
 def build_parser():
-    """The six commands and their flags."""
+    """The seven commands and their flags."""
     description = "Denoising Diffusion Probabilistic Models (Ho et al. 2020); no command: train"
     parser = Parser(prog="ddpm.py", allow_abbrev=False, description=description)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
@@ -1873,6 +1987,8 @@ def build_parser():
     add_flags(commands["bench"], "network", RUN_FLAGS[:9], "; on a CPU, the quick start's")
     add_flags(commands["bench"], "runtime", RUNTIME_FLAGS)
     add_flags(commands["bench"], "bench", BENCH_FLAGS)
+    commands["import"].add_argument("folder", help="diffusers' UNet2DModel, or a pipeline folder")
+    add_flags(commands["import"], "import", IMPORT_FLAGS)
     commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
     commands["compare"].add_argument(
         "--plot", metavar="FILE.png", help="draw the curves there (default: none)"
@@ -1887,6 +2003,10 @@ COMMANDS = {  # name: (its function, its help)
     "bench": (benchmark, "measure training and sampling speed"),
     "fid": (measure_fid, "the FID of a checkpoint's samples, or of images"),
     "compare": (compare_runs, "compare the loss and FID curves of runs"),
+    "import": (
+        import_weights,
+        "the paper's released weights, from diffusers' format, as a ckpt.pt",
+    ),
 }
 
 
