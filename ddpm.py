@@ -1153,10 +1153,35 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
     return mu, sigma, where
 
 
-def sample_fid(network, reference, model, diffusion, *how):
-    """The FID against reference (mu, sigma) of generate(model, diffusion, *how)'s images."""
-    images = generate(model, diffusion, *how)
-    stats = feature_statistics(network, images, diffusion.betas.device, f"{len(images):,} samples")
+def sample_fid(
+    network,
+    reference,
+    model,
+    diffusion,
+    sampler,
+    n,
+    shape,
+    batch_size,
+    seed,
+    amp,
+    labels,
+    classes,
+    rank=0,
+    world=1,
+):
+    """The FID against reference (mu, sigma) of n images that generate draws from model, a share
+    on each of world processes (from seed + rank), measured on rank 0 (the others return None)."""
+    share = torch.arange(n).tensor_split(world)[rank]  # the images this process draws
+    labels = None if labels is None else labels[share]
+    what = (len(share), shape, batch_size, seed + rank, amp, labels, classes)
+    images = generate(model, diffusion, sampler, *what)  # (len(share), C, H, W)
+    if world > 1:  # the shares to rank 0: no process waits in a collective for long
+        shares = [None] * world
+        dist.all_gather_object(shares, images)
+        images = torch.cat(shares)  # (n, C, H, W)
+    if rank > 0:
+        return None
+    stats = feature_statistics(network, images, diffusion.betas.device, f"{n:,} samples")
     return frechet_distance(*stats, *reference)
 
 
@@ -1334,6 +1359,15 @@ def grid_of(ema, classes, guidance, shape, seed, device):
     return Guided(ema, y, guidance, classes), x_T.to(device), range(0, len(y), 8)
 
 
+def log_fid(file, wandb, row):
+    """A fid.csv row (step, images seen, FID, samples, sampler, seconds), a line and W&B's point."""
+    step, seen, fid, n, sampler, seconds = row
+    csv.writer(file).writerow([step, seen, f"{fid:.4f}", n, sampler, f"{seconds:.1f}"])
+    print(f"FID {fid:.2f} at step {step} ({seen:,} images seen; {seconds:.0f} s)", flush=True)
+    if wandb:
+        wandb.log({"fid": fid}, step=step)
+
+
 def import_wandb():
     """wandb, an optional extra, imported only when asked for."""
     try:
@@ -1384,10 +1418,12 @@ def train(args):
     grid_model, x_T, rows = grid_of(
         training.ema, classes, args.guidance, (C, H, W), args.seed, device
     )
-    if args.fid_every and rank == 0:  # the network and the reference first: their errors too
+    network = reference = None  # rank 0's: the network and the reference first, their errors too
+    if args.fid_every and rank == 0:
         network = inception(device)
         where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
         reference = reference_statistics(*where)[:2]
+    if args.fid_every:
         fid_labels = class_labels(None, classes, args.fid_samples)
         fid_what = (fid_sampler, args.fid_samples, (C, H, W), args.fid_batch_size, args.seed, amp)
 
@@ -1429,7 +1465,7 @@ def train(args):
                 bad = log_row and not loss_sum.isfinite()  # reads the GPU, as log rows do
                 stop, late, bad = agree([len(signals), int(late), int(bad)], world, device)
                 stopped, save = stop > 0, save or late > 0 or bad > 0 or stop > 0
-            epoch_end = rank == 0 and into_epoch == 0 and not stopped
+            epoch_end = into_epoch == 0 and not stopped
             now = time.time()
             if rank == 0 and (log_row or save or now - logged_at >= 10):  # a row before a save
                 speed = (step - logged_step) * B / max(now - logged_at - away, 1e-9)
@@ -1442,18 +1478,16 @@ def train(args):
                 state = dict(config=config, step=step, elapsed=elapsed + now - started)
                 checkpoint(ckpt_path, training, state, saved_step, world, rank, device)
                 saved_step, saved_at = step, time.time()
-            if epoch_end and args.sample_every and epoch % args.sample_every == 0:
+            if rank == 0 and epoch_end and args.sample_every and epoch % args.sample_every == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
                 path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
-            if epoch_end and args.fid_every and epoch % args.fid_every == 0:
-                what = (*fid_what, fid_labels, classes)
+            if epoch_end and args.fid_every and epoch % args.fid_every == 0:  # a share each
+                what = (*fid_what, fid_labels, classes, rank, world)
                 fid = sample_fid(network, reference, training.ema, diffusion, *what)
-                row = [step, step * B, f"{fid:.4f}", args.fid_samples, fid_sampler]
-                csv.writer(fid_log).writerow(row + [f"{time.time() - now:.1f}"])
-                print(f"FID {fid:.2f} at step {step} ({step * B:,} images seen)", flush=True)
-                if wandb:
-                    wandb.log({"fid": fid}, step=step)
+                if rank == 0:
+                    row = [step, step * B, fid, args.fid_samples, fid_sampler, time.time() - now]
+                    log_fid(fid_log, wandb, row)
             away += time.time() - now  # checkpoints, grids and FID
 
     # --- Finish: a stopped run says how to go on; a finished one draws its final pictures
