@@ -1414,7 +1414,8 @@ def train(args):
     if args.sampler == "auto":  # DDIM, eta 1, 100 steps tracked the 1000-step sampler's FID best
         steps = min(100, config["timesteps"])
         fid_sampler = choose_sampler("ddim", steps, 1.0, *how[2:])
-    config.update(sampler=str(sampler), fid_sampler=str(fid_sampler))
+    every_class = ", each class in turn" if classes else ""  # what a conditional model's FID draws
+    config.update(sampler=str(sampler), fid_sampler=f"{fid_sampler}{every_class}")
     grid_model, x_T, rows = grid_of(
         training.ema, classes, args.guidance, (C, H, W), args.seed, device
     )
@@ -1457,10 +1458,9 @@ def train(args):
             step += 1
             loss_sum += loss
 
-            # What is due, decided alike by every process (they agree every 10 steps)
-            epoch, into_epoch = divmod(step, steps_per_epoch)
+            epoch, into_epoch = divmod(step, steps_per_epoch)  # then what is due, alike everywhere
             log_row, save = step % args.log_every == 0 or step == total_steps, step == total_steps
-            if world == 1 or log_row or step % 10 == 0:
+            if world == 1 or log_row or step % 10 == 0:  # several processes agree every 10 steps
                 late = 0 < args.ckpt_minutes <= (time.time() - saved_at) / 60
                 bad = log_row and not loss_sum.isfinite()  # reads the GPU, as log rows do
                 stop, late, bad = agree([len(signals), int(late), int(bad)], world, device)
@@ -1486,8 +1486,8 @@ def train(args):
                 what = (*fid_what, fid_labels, classes, rank, world)
                 fid = sample_fid(network, reference, training.ema, diffusion, *what)
                 if rank == 0:
-                    row = [step, step * B, fid, args.fid_samples, fid_sampler, time.time() - now]
-                    log_fid(fid_log, wandb, row)
+                    row = [step, step * B, fid, args.fid_samples, config["fid_sampler"]]
+                    log_fid(fid_log, wandb, row + [time.time() - now])
             away += time.time() - now  # checkpoints, grids and FID
 
     # --- Finish: a stopped run says how to go on; a finished one draws its final pictures

@@ -2269,6 +2269,8 @@ def test_guidance_mixes_the_two_predictions_as_eq_6():
             torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
             unguided = ddpm.Guided(net, none, w, 3)(x, t)
             torch.testing.assert_close(unguided, eps_none, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the mix in float32 under autocast too
+            assert ddpm.Guided(net, y, 2.0, 3)(x, t).dtype == torch.float32
 
 
 def test_the_label_input_no_label_by_default_and_refused_without_classes():
