@@ -1770,7 +1770,8 @@ PAPER_UNET.update(
     downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1
 )
 PAPER_UNET.update(norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional")
-LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02)  # the scheduler's
+PAPER_UNET.update(resnet_time_scale_shift="default", downsample_type="conv", upsample_type="conv")
+LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon")
 
 
 def read_json(path):
@@ -1793,16 +1794,17 @@ def diffusers_config(folder):
     if unet_config.get("_class_name") != "UNet2DModel" or wrong:
         what = wrong[0] if wrong else ("_class_name", unet_config.get("_class_name"))
         raise UserError(f"{unet}: not the paper's network and schedule ({what[0]} = {what[1]})")
-    widths, size = unet_config["block_out_channels"], unet_config["sample_size"]
-    attention = [
-        size // 2**k for k, kind in enumerate(unet_config["down_block_types"]) if "Attn" in kind
-    ]
-    config = dict(PAPER, model="res_att" if attention else "res", image_size=size)
-    config.update(base_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
-    config.update(num_res_blocks=unet_config["layers_per_block"], attn_resolutions=attention)
-    config.update(
-        timesteps=schedule.get("num_train_timesteps", 1000), channels=unet_config["in_channels"]
-    )
+    try:
+        widths, size = unet_config["block_out_channels"], int(unet_config["sample_size"])
+        kinds = unet_config["down_block_types"]
+        attention = [size // 2**k for k, kind in enumerate(kinds) if "Attn" in kind]
+        config = dict(PAPER, model="res_att" if attention else "res", image_size=size)
+        config.update(base_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
+        config.update(num_res_blocks=unet_config["layers_per_block"], attn_resolutions=attention)
+        config.update(channels=unet_config["in_channels"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{unet}/config.json: not a UNet2DModel's configuration ({e!r})")
+    config.update(timesteps=schedule.get("num_train_timesteps", 1000))
     files = [unet / f"diffusion_pytorch_model.{kind}" for kind in ("safetensors", "bin")]
     files = [f for f in files if f.is_file()]
     if not files:

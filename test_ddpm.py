@@ -2516,6 +2516,9 @@ def test_import_refuses_foreign_and_broken_folders_in_one_line(tmp_path, monkeyp
     expect_error(["import", str(tmp_path / "none")], "config.json", capsys=capsys)
     attempt("foreign", dict(TINY_UNET, _class_name="UNet2DConditionModel"), state, "_class_name")
     attempt("flip", dict(TINY_UNET, flip_sin_to_cos=True), state, "flip_sin_to_cos = True")
+    attempt(
+        "list", dict(TINY_UNET, sample_size=[8, 16]), state, "not a UNet2DModel's configuration"
+    )
     cosine = dict(beta_schedule="squaredcos_cap_v2")
     attempt("cosine", TINY_UNET, state, "beta_schedule = squaredcos_cap_v2", scheduler=cosine)
     missing = {k: v for k, v in state.items() if k != "conv_out.weight"}
