@@ -1394,9 +1394,8 @@ def train(args):
         prepare_out_dir(out_dir)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    data, labels, classes = training_data(
-        config, args.cond_drop, device
-    )  # labels: for guidance (not paper)
+    # the images, and their classes for a class-conditional run (guidance: not in the paper)
+    data, labels, classes = training_data(config, args.cond_drop, device)
     N, C, H, W = data.shape
     steps_per_epoch = N // B  # NOTE(paper): full batches only
     if steps_per_epoch == 0:
@@ -1416,9 +1415,8 @@ def train(args):
         fid_sampler = choose_sampler("ddim", steps, 1.0, *how[2:])
     every_class = ", each class in turn" if classes else ""  # what a conditional model's FID draws
     config.update(sampler=str(sampler), fid_sampler=f"{fid_sampler}{every_class}")
-    grid_model, x_T, rows = grid_of(
-        training.ema, classes, args.guidance, (C, H, W), args.seed, device
-    )
+    image = (C, H, W)
+    grid_model, x_T, rows = grid_of(training.ema, classes, args.guidance, image, args.seed, device)
     network = reference = None  # rank 0's: the network and the reference first, their errors too
     if args.fid_every and rank == 0:
         network = inception(device)
@@ -1426,7 +1424,7 @@ def train(args):
         reference = reference_statistics(*where)[:2]
     if args.fid_every:
         fid_labels = class_labels(None, classes, args.fid_samples)
-        fid_what = (fid_sampler, args.fid_samples, (C, H, W), args.fid_batch_size, args.seed, amp)
+        fid_what = (fid_sampler, args.fid_samples, image, args.fid_batch_size, args.seed, amp)
 
     # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
     step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
@@ -1467,7 +1465,8 @@ def train(args):
                 stopped, save = stop > 0, save or late > 0 or bad > 0 or stop > 0
             epoch_end = into_epoch == 0 and not stopped
             now = time.time()
-            if rank == 0 and (log_row or save or now - logged_at >= 10):  # a row before a save
+            # a log row first, then the save: a kill between the two loses no row
+            if rank == 0 and (log_row or save or now - logged_at >= 10):
                 speed = (step - logged_step) * B / max(now - logged_at - away, 1e-9)
                 loss, lr = loss_sum.item() / (step - logged_step), training.scheduler.get_last_lr()
                 row = (step, epoch, loss, lr[0], float(grad_norm), speed, elapsed + now - started)
