@@ -2538,26 +2538,31 @@ def test_import_refuses_foreign_and_broken_folders_in_one_line(tmp_path, monkeyp
 
 def test_import_of_diffusers_unet_computes_the_same():
     """Where diffusers is installed: its UNet2DModel in the CIFAR-10 configuration, with random
-    weights saved as safetensors and as .bin, imports to a network that computes the same."""
+    weights saved as safetensors and as .bin, imports to a network that computes the same; so does
+    the 256-pixel models' layout (6 levels, attention at the fifth), narrower and at 64 pixels."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (CI has none)")
     pytest.importorskip("safetensors", reason="safetensors is not installed")
-    config = {k: v for k, v in CIFAR10_UNET.items() if k != "_class_name"}
-    torch.manual_seed(0)
-    theirs = diffusers.UNet2DModel(**config).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():  # away from the zero init, so that every weight counts
-            p.add_(0.02 * torch.randn_like(p))
-    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
-    with torch.no_grad():
-        expected = theirs(x, t).sample
-    with tempfile.TemporaryDirectory() as root:
-        for safe in (True, False):
-            folder = Path(root) / f"unet{safe}"
-            theirs.save_pretrained(folder, safe_serialization=safe)
-            out = Path(root) / f"run{safe}"
-            assert ddpm.main(["import", str(folder), "--out-dir", str(out)]) == 0
-            ours = ddpm.load_sampler(out / "ckpt.pt", torch.device("cpu"))[0]
-            with torch.no_grad():
-                got = ours(x, t)
-            assert ddpm.count_parameters(ours) == 35_746_307
-            assert (got - expected).norm() < 1e-4 * expected.norm()
+    cifar10 = {k: v for k, v in CIFAR10_UNET.items() if k != "_class_name"}
+    large = dict(cifar10, sample_size=64, block_out_channels=[32, 32, 64, 64, 128, 128])
+    large.update(down_block_types=["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"])
+    large.update(up_block_types=["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4)
+    for config, size, parameters in ((cifar10, 32, 35_746_307), (large, 64, 7_126_275)):
+        torch.manual_seed(0)
+        theirs = diffusers.UNet2DModel(**config).eval()
+        with torch.no_grad():
+            for p in theirs.parameters():  # away from the zero init, so that every weight counts
+                p.add_(0.02 * torch.randn_like(p))
+        x, t = torch.randn(2, 3, size, size), torch.tensor([3, 700])
+        with torch.no_grad():
+            expected = theirs(x, t).sample
+        with tempfile.TemporaryDirectory() as root:
+            for safe in (True, False) if size == 32 else (True,):
+                folder = Path(root) / f"unet{safe}"
+                theirs.save_pretrained(folder, safe_serialization=safe)
+                out = Path(root) / f"run{safe}"
+                assert ddpm.main(["import", str(folder), "--out-dir", str(out)]) == 0
+                ours = ddpm.load_sampler(out / "ckpt.pt", torch.device("cpu"))[0]
+                with torch.no_grad():
+                    got = ours(x, t)
+                assert ddpm.count_parameters(ours) == parameters
+                assert (got - expected).norm() < 1e-4 * expected.norm()
