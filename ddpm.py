@@ -834,27 +834,26 @@ def load_dataset(name, data_dir, image_size, max_images=None):
     return x.contiguous(), torch.as_tensor(ds.targets)[keep], len(ds.classes)
 
 
-def image_files(root, flag="--data-dir"):
-    """The .png/.jpg files under root, in a fixed order; a grid.png (sample's grid of the images
-    beside it) left out, with a note."""
+def image_files(root, flag="--data-dir", leave_out=()):
+    """The .png/.jpg files under root, in a fixed order, but those named in leave_out (noted)."""
     if not root.is_dir():
         raise UserError(f"{flag} {root} is not a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if any(p.name == "grid.png" for p in files):
-        print(f"note: {flag} {root}: grid.png left out (a grid of the images there)")
-    files = [p for p in files if p.name != "grid.png"]
+    if any(p.name in leave_out for p in files):
+        print(f"note: {flag} {root}: {', '.join(leave_out)} left out")
+    files = [p for p in files if p.name not in leave_out]
     if not files:
         raise UserError(f"{flag} {root} holds no .png/.jpg/.jpeg images")
     return files
 
 
-def load_image_folder(root, size, max_images=None, flag="--data-dir"):
+def load_image_folder(root, size, max_images=None, flag="--data-dir", leave_out=()):
     """(images, labels, classes) as load_dataset, of the .png/.jpg files under root in a fixed
     order, each resized to size (None: the first's) on its shorter side and centre-cropped, grey
     if the first is; a class a subfolder (labels None where some image is in none)."""
     from PIL import Image  # Pillow: installed with torchvision
 
-    files = image_files(root, flag)
+    files = image_files(root, flag, leave_out)
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
     with Image.open(files[0]) as im:  # the first image decides the channels (and the size)
         mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
@@ -1153,24 +1152,11 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
     return mu, sigma, where
 
 
-def sample_fid(
-    network,
-    reference,
-    model,
-    diffusion,
-    sampler,
-    n,
-    shape,
-    batch_size,
-    seed,
-    amp,
-    labels,
-    classes,
-    rank=0,
-    world=1,
-):
-    """The FID against reference (mu, sigma) of n images that generate draws from model, a share
-    on each of world processes (from seed + rank), measured on rank 0 (the others return None)."""
+def sample_fid(network, reference, model, diffusion, how, rank=0, world=1):
+    """The FID against reference (mu, sigma) of the images that generate draws from model with how
+    = (sampler, n, shape, batch size, seed, amp, labels, classes): a share on each of world
+    processes (from seed + rank), measured on rank 0 (the others return None)."""
+    sampler, n, shape, batch_size, seed, amp, labels, classes = how
     share = torch.arange(n).tensor_split(world)[rank]  # the images this process draws
     labels = None if labels is None else labels[share]
     what = (len(share), shape, batch_size, seed + rank, amp, labels, classes)
@@ -1482,8 +1468,8 @@ def train(args):
                 path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
             if epoch_end and args.fid_every and epoch % args.fid_every == 0:  # a share each
-                what = (*fid_what, fid_labels, classes, rank, world)
-                fid = sample_fid(network, reference, training.ema, diffusion, *what)
+                what = (*fid_what, fid_labels, classes)
+                fid = sample_fid(network, reference, training.ema, diffusion, what, rank, world)
                 if rank == 0:
                     row = [step, step * B, fid, args.fid_samples, config["fid_sampler"]]
                     log_fid(fid_log, wandb, row + [time.time() - now])
@@ -1579,7 +1565,8 @@ def read_images(path):
     """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder,
     all at the size of the first."""
     if path.suffix != ".npz":
-        return load_image_folder(path, None, flag="--images")[0]
+        # the images sample writes, and not the grid of them it writes beside them
+        return load_image_folder(path, None, flag="--images", leave_out=("grid.png",))[0]
     try:
         with np.load(path) as f:
             x = torch.from_numpy(f["arr_0"])
