@@ -36,15 +36,14 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
     3. An epoch is floor(50000 / 128) = 390 full batches (the last partial batch is dropped, so
        that every step has one shape).
     4. Mixed precision (bf16 autocast) on CUDA by default; --amp none for float32.
-    5. Extras the paper does not have, after the banner: the cosine schedule (Nichol & Dhariwal
-       2021), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022), and
-       classifier-free guidance (Ho & Salimans 2022; the network's optional label input).
+    5. Extras the paper does not have, after the banner: DDIM (Song et al. 2021), DPM-Solver++(2M)
+       (Lu et al. 2022), classifier-free guidance (Ho & Salimans 2022; the optional label input).
 
 Section map
     Part I   the diffusion process: linear_beta_schedule, extract, GaussianDiffusion
     Part II  the networks: the blocks, ResAttUNet (the paper's network), ResUNet, ConvUNet
     Part III training (Alg. 1: train_step, train_iteration, train_loop), sampling (Alg. 2)
-    Extras   cosine_beta_schedule, ddim_sample_loop, dpm_solver_sample_loop, Guided
+    Extras   ddim_sample_loop, dpm_solver_sample_loop, Guided
     Engineering: progress lines, data, checkpoints, FID, the commands, the command line
 """
 
@@ -54,6 +53,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -72,6 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
+from PIL import Image  # Pillow: installed with torchvision
 from torchvision.utils import save_image
 
 
@@ -604,27 +605,13 @@ def p_sample_loop(
 #       net = ResAttUNet(); diffusion = GaussianDiffusion(linear_beta_schedule(1000))
 #       ema = train_loop(net, diffusion, data, steps=800_000)
 #       x_0 = p_sample_loop(diffusion, ema, (64, 3, 32, 32))
-#   Below: the extras (another schedule, two fast samplers), then the engineering.
+#   Below: the extras (two fast samplers, guidance), then the engineering.
 # #############################################################################
 
 
 # =============================================================================
-# Extras: another schedule and two fast samplers  [not in the paper]
+# Extras: two fast samplers and classifier-free guidance  [not in the paper]
 # =============================================================================
-def cosine_beta_schedule(timesteps, s=0.008):
-    """Nichol & Dhariwal (2021), Eq. 17: alpha_bar(t) = f(t) / f(0) with
-    f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2); betas clipped at 0.999. float64, shape (T,)."""
-    # NOTE(paper): not in the paper; --schedule cosine, off by default
-    frac = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps  # t/T for t = 0..T
-    f = torch.cos((frac + s) / (1 + s) * math.pi / 2) ** 2  # f(t)
-    alpha_bar = f / f[0]
-    # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped to avoid a singular last step
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-
-
-SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}  # --schedule
-
-
 def ddim_timesteps(num_timesteps, steps):
     """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps
     floor(i * (T-1) / (steps-1)), i = steps-1..0, strictly decreasing (their spacing is at least 1)
@@ -726,16 +713,13 @@ def dpm_solver_sample_loop(
 # --- Classifier-free guidance  [Ho & Salimans 2022, arXiv:2207.12598] -------------------------
 # NOTE(paper): not in the paper; --class-cond trains on the labels, --guidance W samples with them
 def drop_labels(y, num_classes, drop):
-    """The class labels y (B,), each replaced by "no label" (num_classes) with probability drop, so
-    that one network learns eps(x_t, t, y) and eps(x_t, t) [Ho & Salimans, Alg. 1]."""
+    """The labels y (B,), each replaced by "no label" (num_classes) with probability drop."""
     dropped = torch.rand(y.shape, device=y.device) < drop  # (B,)
     return torch.where(dropped, num_classes, y)
 
 
 class Guided:
-    """A class-conditional network as the samplers call it, model(x_t, t), with classifier-free
-    guidance of weight w toward the classes y, from one batched evaluation [Ho & Salimans, Eq. 6]:
-        eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label)."""
+    """A conditional network as samplers call it, guided: (1 + w) eps(x, t, y) - w eps(x, t)."""
 
     def __init__(self, model, y, w, num_classes):
         self.model, self.w, self.training = model, w, model.training
@@ -761,13 +745,20 @@ def first_line(e):
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
+def optional(module, package, user):
+    """An optional extra, imported only by the flag or command that uses it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{user} needs the {package} package: pip install {package}")
+
+
 # --- Progress lines: no phase that takes more than a few seconds is silent ---------------------
 class Progress:
-    """A phase's status line every 5 s: what, how far, images/s and the time left; then the time
-    it took (none for a phase under 5 s). steps: a sampler's steps per batch."""
+    """A phase's line every 5 s (what, how far, images/s, time left), then its time taken."""
 
-    def __init__(self, what, total, images_per_tick=1.0, steps=None):
-        self.what, self.total, self.per, self.steps = what, total, images_per_tick, steps
+    def __init__(self, what, total, images_per_tick=1.0):
+        self.what, self.total, self.per = what, total, images_per_tick
         self.done, self.printed = 0, False
         self.start = self.shown = time.time()
 
@@ -776,14 +767,10 @@ class Progress:
         now, finished = time.time(), self.done == self.total
         if now - self.shown < 5.0 and not (finished and self.printed):
             return
-        where = f"{self.done}/{self.total}"
-        if self.steps:
-            batch, step = divmod(self.done - 1, self.steps)
-            where = f"batch {batch + 1}/{self.total // self.steps}, step {step + 1}/{self.steps}"
         speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
         left = now - self.start if finished else (self.total - self.done) * self.per / speed
         when = f"{'took' if finished else 'ETA'} {left:.0f} s"
-        print(f"{self.what}: {where} | {speed:,.1f} images/s | {when}", flush=True)
+        print(f"{self.what}: {self.done}/{self.total} | {speed:,.1f} images/s | {when}", flush=True)
         self.shown, self.printed = now, True
 
 
@@ -811,10 +798,7 @@ def evenly_spaced(n, k=None):
 
 
 def load_dataset(name, data_dir, image_size, max_images=None):
-    """(images, labels, classes): the training set as uint8 (N, C, H, W), H = W = image_size, the
-    class of each image (N,) and the number of classes. cifar10, mnist and fashion_mnist come from
-    torchvision (downloaded on first use), the 28x28 ones padded to 32x32; "folder" reads the
-    images under data_dir. max_images: that many, spread over the set."""
+    """(uint8 images (N, C, S, S), labels, classes) of a torchvision set or a folder."""
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
     try:
@@ -848,30 +832,25 @@ def image_files(root, flag="--data-dir", leave_out=()):
 
 
 def load_image_folder(root, size, max_images=None, flag="--data-dir", leave_out=()):
-    """(images, labels, classes) as load_dataset, of the .png/.jpg files under root in a fixed
-    order, each resized to size (None: the first's) on its shorter side and centre-cropped, grey
-    if the first is; a class a subfolder (labels None where some image is in none)."""
-    from PIL import Image  # Pillow: installed with torchvision
-
+    """(images, labels or None, classes) of image_files(root); a class a subfolder."""
     files = image_files(root, flag, leave_out)
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
-    with Image.open(files[0]) as im:  # the first image decides the channels (and the size)
-        mode = "L" if im.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-        size = size or min(im.size)
 
-    def read(path):  # (C, size, size) uint8
+    def read(path, mode=None):  # (C, h, w) uint8, grey or RGB (None: as the image is)
         try:
             with Image.open(path) as im:
-                x = torch.from_numpy(np.array(im.convert(mode)))  # (h, w) or (h, w, 3)
+                grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                x = torch.from_numpy(np.array(im.convert(mode or ("L" if grey else "RGB"))))
         except OSError as e:
             raise UserError(f"cannot decode image {path}: {e}")
-        x = x.reshape(*x.shape[:2], -1).permute(2, 0, 1)  # (C, h, w)
-        return TF.center_crop(TF.resize(x, size, antialias=True), size)
+        return x.reshape(*x.shape[:2], -1).permute(2, 0, 1)  # (h, w[, 3]) -> (C, h, w)
 
+    first = read(files[0])  # decides the channels (and the size) of all
+    mode, size = "L" if len(first) == 1 else "RGB", size or min(first.shape[1:])
     progress, images = Progress(f"decoding {root}", len(files)), []
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        for x in pool.map(read, files):
-            images.append(x)
+        for x in pool.map(functools.partial(read, mode=mode), files):
+            images.append(TF.center_crop(TF.resize(x, size, antialias=True), size))  # shorter side
             progress.tick()
     folders = [f.relative_to(root).parts[0] if f.parent != root else None for f in files]
     if None in folders:
@@ -881,8 +860,8 @@ def load_image_folder(root, size, max_images=None, flag="--data-dir", leave_out=
 
 
 # --- The network on its device, and torch.compile ---------------------------------------------
-def build_model(config):
-    """The network a configuration describes, its size checked first on the meta device."""
+def build_model(config, device="cpu"):
+    """The network a config describes, its size checked on the meta device first."""
     names = ("base_channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout")
     kwargs = {k: config[k] for k in (*names, "image_size")}
     kwargs.update(in_channels=config["channels"], num_classes=config.get("num_classes", 0))
@@ -894,7 +873,17 @@ def build_model(config):
         raise UserError(f"{e} (flags {flags})")
     if size > 2**32:  # 16 GiB of float32 weights, and three times that with Adam's state
         raise UserError(f"that network would have {size:,} parameters, too many: lower {flags}")
-    return MODELS[config["model"]](**kwargs)
+    net = MODELS[config["model"]](**kwargs)
+    if torch.device(device).type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net.to(device)
+
+
+def build_diffusion(config, device):
+    """The diffusion of a configuration: the paper's linear schedule over its T steps."""
+    if config.get("schedule", "linear") != "linear":  # a checkpoint of an earlier version
+        raise UserError(f"the {config['schedule']} schedule is no longer supported (only linear)")
+    return GaussianDiffusion(linear_beta_schedule(config["timesteps"])).to(device)
 
 
 def setup_device(name, amp):
@@ -911,13 +900,6 @@ def setup_device(name, amp):
         torch.backends.cudnn.benchmark = True  # shapes never change: cuDNN picks the fastest conv
         torch.set_float32_matmul_precision("high")  # float32 matmuls may use TF32 tensor cores
     return torch.device(name), {"bf16": torch.bfloat16, "none": None}[amp]
-
-
-def to_device(net, device):
-    """A network on its device; on CUDA channels_last (NHWC), as tensor cores want."""
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    return net.to(device)
 
 
 def compile_model(module, mode, cuda_graphs=False):
@@ -944,8 +926,7 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, mmap=False):
-    """Load a checkpoint with weights_only=True: tensors and plain values only, never code. mmap:
-    its tensors are read only when used."""
+    """A checkpoint, loaded with weights_only=True: tensors and plain values only, never code."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (check --ckpt / --out-dir)")
@@ -994,27 +975,23 @@ class Sampler:
 
 
 def choose_sampler(name, steps, eta, variance, guidance, config, device):
-    """The Sampler that the sampler flags describe for the model of a config (its T; guidance if it
-    is class-conditional). auto: Algorithm 2 on a GPU, else DDIM eta 1 at 100 steps (README)."""
-    num_timesteps = config["timesteps"]
-    if not config.get("num_classes"):
-        guidance = None
+    """The Sampler of the flags; auto: ddpm on a GPU, else DDIM eta 1 at 100 steps."""
+    T = config["timesteps"]
     if name == "auto" and device.type == "cuda":
         name = "ddpm"
     elif name == "auto":
         name, eta = "ddim", 1.0
+    if name != "ddpm" and steps is not None and steps > T:
+        raise UserError(f"--sample-steps {steps}: more than the model's T = {T}")
     if name == "ddpm":
-        steps = num_timesteps
+        steps = T
     elif steps is None:
-        steps = min(100 if name == "ddim" else 20, num_timesteps)
-    elif steps > num_timesteps:
-        raise UserError(f"--sample-steps {steps}: more than the model's T = {num_timesteps}")
-    return Sampler(name, steps, eta, variance, guidance)
+        steps = min(100 if name == "ddim" else 20, T)
+    return Sampler(name, steps, eta, variance, guidance if config.get("num_classes") else None)
 
 
 def run_sampler(diffusion, model, x_T, sampler, amp, generator, progress, keep=()):
-    """Sample from x_T with a Sampler, the network under autocast(amp); progress ticks once per
-    network evaluation. Returns (x_0, the x_t of the evaluations numbered in keep)."""
+    """(x_0, x_t at the calls in keep) of a Sampler run from x_T under autocast(amp)."""
     net, shape, K = Watched(model, progress, keep), x_T.shape, sampler.steps
     with torch.autocast(x_T.device.type, dtype=amp, enabled=amp is not None):
         if sampler.name == "ddpm":
@@ -1035,9 +1012,7 @@ Z_STREAM = 0x9E3779B9  # seed ^ Z_STREAM seeds the noise z: never x_T's seed (a 
 
 
 def draw_pictures(model, diffusion, sampler, x_T, amp, seed, path, rows=()):
-    """A grid of the samples from x_T at path (the same z from seed every time); rows: also
-    reverse_process.png beside it, a row for each of those images: x_t at 9 evenly spaced sampler
-    steps from pure noise, then x_0."""
+    """A grid of samples from x_T; rows: and the reverse process of those images."""
     progress = Progress(f"{path.name} ({sampler})", sampler.steps, len(x_T) / sampler.steps)
     generator = torch.Generator(x_T.device).manual_seed(seed ^ Z_STREAM)
     keep = [i * sampler.steps // 9 for i in range(9)] if rows else []
@@ -1049,14 +1024,12 @@ def draw_pictures(model, diffusion, sampler, x_T, amp, seed, path, rows=()):
 
 
 def generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels=None, classes=0):
-    """n images (n, C, H, W) uint8 of shape (C, H, W), in whole batches, from seed: x_T drawn on
-    the CPU (the same on every device), each step's z on the device. labels (n,): the classes to
-    draw from a class-conditional model of `classes` classes, guided by sampler.guidance."""
+    """n uint8 images in whole batches, x_T drawn on the CPU from seed; labels: guided."""
     device, batch = diffusion.betas.device, min(batch_size, n)
     x_T_generator = torch.Generator().manual_seed(seed)
     z_generator = torch.Generator(device).manual_seed(seed ^ Z_STREAM)
     batches, K = math.ceil(n / batch), sampler.steps
-    progress = Progress(f"sampling {n} images ({sampler})", batches * K, batch / K, steps=K)
+    progress = Progress(f"sampling {n} images ({sampler}), network calls", batches * K, batch / K)
     images = []
     for start in range(0, batches * batch, batch):
         x_T = torch.randn((batch, *shape), generator=x_T_generator).to(device)
@@ -1075,14 +1048,10 @@ FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # where pytorch-fid looks 
 
 
 def inception(device):
-    """The network papers report FID with, from pytorch-fid (an optional extra): images (B, 3, H, W)
-    in [0, 1] -> pool3 features (B, 2048, 1, 1). It resizes to 299x299 and rescales them itself."""
+    """pytorch-fid's InceptionV3, as papers use: images in [0, 1] -> 2048 pool3 features."""
+    fid_inception = optional("pytorch_fid.inception", "pytorch-fid", "FID")
     try:
-        from pytorch_fid.inception import InceptionV3
-    except ImportError:
-        raise UserError("FID needs the pytorch-fid package: pip install pytorch-fid")
-    try:
-        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
+        return fid_inception.InceptionV3([3]).eval().to(device)  # block 3: pool3, 2048 features
     except OSError as e:  # it downloads its weights on first use
         where = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
         fix = f"put {FID_WEIGHTS} (pytorch-fid's GitHub releases) at {where}"
@@ -1091,8 +1060,7 @@ def inception(device):
 
 @torch.no_grad()
 def feature_statistics(network, images, device, what):
-    """(mu, sigma): the mean and covariance, in float64, of the network's features of uint8 images
-    (N, C, H, W), which reach it as a PNG file reaches pytorch-fid: RGB floats in [0, 1]."""
+    """(mu, sigma) in float64 of the features of uint8 images, seen as PNGs are."""
     if len(images) < 2:  # one image has no covariance
         raise UserError(f"FID needs 2 or more images; {what} has {len(images)}")
     progress, features = Progress(f"features of {what}", math.ceil(len(images) / 250), 250), []
@@ -1105,46 +1073,38 @@ def feature_statistics(network, images, device, what):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): FID, from two Gaussians.
-    The trace of the square root is the sum of the square roots of sigma1 sigma2's eigenvalues."""
+    """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)): the FID."""
     root = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root)
 
 
 def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
-    """(mu, sigma, where from): those in the npz ref_stats, or those of the training set at size x
-    size, computed once and cached in data_dir, again when its files change (the paper's
-    reference: all 50,000 CIFAR-10 training images)."""
+    """(mu, sigma, where from) of --ref-stats, or of the data (cached per files)."""
     path = Path(ref_stats or Path(data_dir) / f"fid_stats_{dataset}_{size}px.npz")
-    files = dataset  # what the cache is of: a torchvision set, or a folder's files as they are
+    key = dataset  # what the cache holds the statistics of: a torchvision set, or these files
     if dataset == "folder" and not ref_stats:
         stats = [p.stat() for p in image_files(Path(data_dir))]
-        files = f"{len(stats)} files of {sum(s.st_size for s in stats)} bytes, the last changed "
-        files += str(max(s.st_mtime for s in stats))
+        key = f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, last changed "
+        key += str(max(s.st_mtime for s in stats))
     if ref_stats or path.is_file():
         try:
             with np.load(path) as f:
-                mu, sigma, saved = f["mu"], f["sigma"], int(f.get("image_size", size))
-                n = f"{int(f['images']):,} images' statistics" if "images" in f else "statistics"
-                same = ref_stats or str(f.get("files", "")) == files
+                mu, sigma, cached = f["mu"], f["sigma"], str(f.get("files", ""))
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"--ref-stats {path}: not an npz of mu and sigma ({first_line(e)})")
-        if saved != size:
-            raise UserError(f"{path} holds statistics of {saved}x{saved} images; these are {size}")
         with torch.no_grad():  # the network's features: as many as the reference's, and finite
             D = network(torch.zeros(1, 3, size, size, device=device))[0].shape[1]
         finite = np.isfinite(mu).all() and np.isfinite(sigma).all()
         if mu.shape != (D,) or sigma.shape != (D, D) or not finite:
             raise UserError(f"{path}: mu and sigma must be finite, of the network's {D} features")
-        if same:
-            return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"{n} in {path}"
+        if ref_stats or cached == key:
+            where = f"statistics in {path}"
+            return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), where
     images = load_dataset(dataset, data_dir, size)[0]
     mu, sigma = feature_statistics(network, images, device, f"the {dataset} training set")
-    where = f"{len(images):,} {dataset} training images"
-    tmp = path.with_suffix(".tmp.npz")
+    where, tmp = f"{len(images):,} {dataset} training images", path.with_suffix(".tmp.npz")
     try:  # whole or not at all; a read-only data_dir: not cached
-        stats = dict(mu=mu.numpy(), sigma=sigma.numpy(), image_size=size, images=len(images))
-        np.savez(tmp, **stats, files=files)
+        np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), files=key)
         os.replace(tmp, path)
         where += f", cached in {path}"
     except OSError:
@@ -1153,9 +1113,7 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
 
 
 def sample_fid(network, reference, model, diffusion, how, rank=0, world=1):
-    """The FID against reference (mu, sigma) of the images that generate draws from model with how
-    = (sampler, n, shape, batch size, seed, amp, labels, classes): a share on each of world
-    processes (from seed + rank), measured on rank 0 (the others return None)."""
+    """The FID of generate(model, *how): a share per process, measured on rank 0."""
     sampler, n, shape, batch_size, seed, amp, labels, classes = how
     share = torch.arange(n).tensor_split(world)[rank]  # the images this process draws
     labels = None if labels is None else labels[share]
@@ -1172,46 +1130,39 @@ def sample_fid(network, reference, model, diffusion, how, rank=0, world=1):
 
 
 # --- train: Part III's iteration with checkpoints, resume, logs, signals, NaN guards and DDP ---
-def open_run(path, resume):
-    """The checkpoint to resume, or None for a new run, which may not overwrite one."""
+def open_run(path, resume, typed):
+    """(checkpoint or None, config): on --resume the checkpoint's, typed flags agreeing."""
     if not resume and path.exists():
         raise UserError(f"{path} exists: add --resume to continue it, or another --out-dir")
-    return load_checkpoint(path) if resume else None
-
-
-def run_config(typed, saved):
-    """The network, schedule and data of a run (PAPER's keys): on --resume the checkpoint's, which
-    a typed flag must agree with (but --data-dir: data may move); else the flags, or PAPER's."""
-    config = {}
+    ckpt, config = load_checkpoint(path) if resume else None, {}
     for key, default in PAPER.items():
-        config[key] = default if saved is None else saved.get(key, default)
-        if saved is not None and typed[key] not in (None, config[key]) and key != "data_dir":
-            flag = f"--{key.replace('_', '-')} {typed[key]}"
-            fix = "drop it, or start a new run in another --out-dir"
+        config[key] = default if ckpt is None else ckpt["config"].get(key, default)
+        if ckpt and typed[key] not in (None, config[key]) and key != "data_dir":
+            flag, fix = (
+                f"--{key.replace('_', '-')} {typed[key]}",
+                "drop it, or use another --out-dir",
+            )
             raise UserError(f"--resume: {flag} contradicts the checkpoint's {config[key]}; {fix}")
         if typed[key] is not None:
             config[key] = typed[key]
-    return config
+    return ckpt, config
 
 
 def build_training(config, device, amp, compile_mode, world=1, **recipe):
-    """(training, diffusion, model): Part III's Training of the configured network (recipe: as
-    make_training's), its schedule, and the network as the iteration calls it: in DDP, compiled."""
-    net = to_device(build_model(config), device)
-    training = make_training(net, amp=amp, **recipe)
-    diffusion = GaussianDiffusion(SCHEDULES[config["schedule"]](config["timesteps"])).to(device)
-    model = net
+    """(training, diffusion, model): model, the net as the iteration calls it."""
+    training = make_training(build_model(config, device), amp=amp, **recipe)
+    model = training.net
     if world > 1:  # gradients averaged over the processes during backward
-        model = nn.parallel.DistributedDataParallel(net)
+        model = nn.parallel.DistributedDataParallel(model)
     model = compile_model(model, compile_mode, cuda_graphs=device.type == "cuda" and world == 1)
-    return training, diffusion, model
+    return training, build_diffusion(config, device), model
 
 
 def training_data(config, cond_drop, device):
-    """(images, labels, classes) of a run's dataset on the device; (images, None, 0) unless it is
-    class-conditional, which needs classes and a "no label" share to learn (guidance uses it)."""
-    what = (config["dataset"], config["data_dir"], config["image_size"])
-    data, labels, classes = load_dataset(*what)
+    """(images, labels or None, classes) of a run's dataset, on the device."""
+    data, labels, classes = load_dataset(
+        config["dataset"], config["data_dir"], config["image_size"]
+    )
     if not config["class_cond"]:
         return data.to(device), None, 0
     if classes < 2:
@@ -1271,8 +1222,7 @@ def parts(training):
 
 
 def restore(training, ckpt, seed, rank, world, device):
-    """(step, elapsed seconds) of a resumed run, its parts and random streams restored (new streams
-    for several processes); (0, 0.0) for a new run, each process seeded apart."""
+    """(step, elapsed s): a resumed run's states, or (0, 0.0); each process seeded apart."""
     torch.manual_seed(seed + rank)  # a different t, eps, flip and dropout per process
     if ckpt is None:
         return 0, 0.0
@@ -1287,15 +1237,11 @@ def restore(training, ckpt, seed, rank, world, device):
 
 
 def checkpoint(path, training, state, saved_step, world, rank, device):
-    """Save state and the parts' states on rank 0 once every process has found its weights finite
-    (a NaN loss or an infinite gradient makes them NaN); if rank 0 cannot write, all stop."""
+    """Save on rank 0 if every process's weights are finite; all stop if it cannot."""
     finite = all(p.isfinite().all() for p in training.net.parameters())
     if agree([int(not finite)], world, device)[0]:
         what = f"the loss went NaN or infinite after step {saved_step}, and the weights with it"
-        fix = "try --amp none or a lower --lr"
-        raise UserError(
-            f"{what}; stopped without saving, so {path} holds step {saved_step} ({fix})"
-        )
+        raise UserError(f"{what}; {path} holds step {saved_step} (try --amp none or a lower --lr)")
     cuda = device.type == "cuda"
     rng = dict(torch=[torch.get_rng_state()], cuda=[torch.cuda.get_rng_state() if cuda else None])
     state = dict(state, format=CKPT_FORMAT, rng=rng)
@@ -1311,8 +1257,7 @@ def checkpoint(path, training, state, saved_step, world, rank, device):
 
 
 def log_line(file, wandb, row, total_steps, batch):
-    """A log.csv row (step, epoch, loss, lr, grad_norm, images/s, elapsed s), the console line with
-    the time left, and W&B's points."""
+    """A log.csv row, its console line with the time left, and W&B's points."""
     step, epoch, loss, lr, grad_norm, speed, elapsed = row
     row = [step, epoch, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}", f"{speed:.1f}"]
     csv.writer(file).writerow(row + [f"{elapsed:.1f}"])
@@ -1321,28 +1266,6 @@ def log_line(file, wandb, row, total_steps, batch):
     print(f"{line} | lr {lr:.3e} | ETA {eta:.1f} min", flush=True)
     if wandb:
         wandb.log(dict(loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=speed), step=step)
-
-
-def print_start(config, parameters, shape, device, amp, steps):
-    """The run's first line; on a CPU, with a network that takes days there, a note."""
-    what = f"{config['model']} ({parameters:,} parameters) on {config['dataset']}"
-    print(f"training {what} {'x'.join(map(str, shape))}, {device}, amp {amp}; step {steps}")
-    if device.type == "cpu" and parameters > 10_000_000:  # a CPU trains it at a few images/s
-        print(
-            f"note: {parameters:,} parameters is a GPU recipe; on a CPU try README.md's quick start"
-        )
-
-
-def grid_of(ema, classes, guidance, shape, seed, device):
-    """(model, x_T, rows) of the grids a run draws: 64 images from the EMA weights and one x_T, and
-    the 8 rows of the reverse-process picture; for a class-conditional run, a row of 8 for each
-    class (16 at most), guided, and the first image of each in that picture."""
-    x_T = torch.randn((64, *shape), generator=torch.Generator().manual_seed(seed))  # (64, C, H, W)
-    if not classes:
-        return ema, x_T.to(device), range(8)
-    y = torch.arange(8 * min(classes, 16), device=device) // 8  # (8 K,)
-    x_T = torch.randn((len(y), *shape), generator=torch.Generator().manual_seed(seed))
-    return Guided(ema, y, guidance, classes), x_T.to(device), range(0, len(y), 8)
 
 
 def log_fid(file, wandb, row):
@@ -1354,28 +1277,37 @@ def log_fid(file, wandb, row):
         wandb.log({"fid": fid}, step=step)
 
 
-def import_wandb():
-    """wandb, an optional extra, imported only when asked for."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install wandb")
-    return wandb
+def print_start(config, parameters, shape, device, amp, steps):
+    """The run's first line; on a CPU, with a network that takes days there, a note."""
+    what = f"{config['model']} ({parameters:,} parameters) on {config['dataset']}"
+    print(f"training {what} {'x'.join(map(str, shape))}, {device}, amp {amp}; step {steps}")
+    if device.type == "cpu" and parameters > 10_000_000:  # a CPU trains it at a few images/s
+        print(f"note: {parameters:,} parameters is a GPU recipe; on a CPU try README's quick start")
+
+
+def grid_of(ema, classes, guidance, shape, seed, device):
+    """(model, x_T, rows) of a run's grids: 64 images, or 8 per class (16 at most)."""
+    n = 8 * min(classes, 16) if classes else 64
+    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    if not classes:
+        return ema, x_T, range(8)
+    y = torch.arange(n, device=device) // 8  # (8 K,)
+    return Guided(ema, y, guidance, classes), x_T, range(0, n, 8)
 
 
 def train(args):
-    """train: Algorithm 1 into --out-dir (ckpt.pt, log.csv, pictures), with Part III's iteration.
-    Under torchrun every process runs this: rank 0 writes the files; all stop and save together."""
+    """train: Algorithm 1 into --out-dir; under torchrun, in every process, rank 0 writing."""
     # --- Set up: the processes, the device, the run's configuration, folder and data
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device, amp = setup_device(args.device, args.amp)
     out_dir, B = Path(args.out_dir or f"runs/{args.model or PAPER['model']}"), args.batch_size
     ckpt_path = out_dir / "ckpt.pt"
-    ckpt = open_run(ckpt_path, args.resume)  # None: a new run
-    config = run_config({key: getattr(args, key) for key in PAPER}, ckpt and ckpt["config"])
+    ckpt, config = open_run(ckpt_path, args.resume, {key: getattr(args, key) for key in PAPER})
     if B % world:
         raise UserError(f"--batch-size {B} must divide among the {world} processes")
-    wandb = import_wandb() if args.wandb and rank == 0 else None
+    wandb = None
+    if args.wandb and rank == 0:
+        wandb = optional("wandb", "wandb", "--wandb")
     if rank == 0:
         prepare_out_dir(out_dir)
     if world > 1:
@@ -1397,20 +1329,19 @@ def train(args):
     how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
     sampler = fid_sampler = choose_sampler(args.sampler, *how)
     if args.sampler == "auto":  # DDIM, eta 1, 100 steps tracked the 1000-step sampler's FID best
-        steps = min(100, config["timesteps"])
-        fid_sampler = choose_sampler("ddim", steps, 1.0, *how[2:])
+        fid_sampler = choose_sampler("ddim", min(100, config["timesteps"]), 1.0, *how[2:])
     every_class = ", each class in turn" if classes else ""  # what a conditional model's FID draws
     config.update(sampler=str(sampler), fid_sampler=f"{fid_sampler}{every_class}")
-    image = (C, H, W)
-    grid_model, x_T, rows = grid_of(training.ema, classes, args.guidance, image, args.seed, device)
+    grid_model, x_T, rows = grid_of(
+        training.ema, classes, args.guidance, (C, H, W), args.seed, device
+    )
     network = reference = None  # rank 0's: the network and the reference first, their errors too
     if args.fid_every and rank == 0:
         network = inception(device)
         where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
         reference = reference_statistics(*where)[:2]
-    if args.fid_every:
-        fid_labels = class_labels(None, classes, args.fid_samples)
-        fid_what = (fid_sampler, args.fid_samples, image, args.fid_batch_size, args.seed, amp)
+    fid_labels = class_labels(None, classes, args.fid_samples)
+    fid_how = (fid_sampler, args.fid_samples, (C, H, W), args.fid_batch_size, args.seed, amp)
 
     # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
     step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
@@ -1468,8 +1399,8 @@ def train(args):
                 path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
             if epoch_end and args.fid_every and epoch % args.fid_every == 0:  # a share each
-                what = (*fid_what, fid_labels, classes)
-                fid = sample_fid(network, reference, training.ema, diffusion, what, rank, world)
+                how = (*fid_how, fid_labels, classes)
+                fid = sample_fid(network, reference, training.ema, diffusion, how, rank, world)
                 if rank == 0:
                     row = [step, step * B, fid, args.fid_samples, config["fid_sampler"]]
                     log_fid(fid_log, wandb, row + [time.time() - now])
@@ -1490,22 +1421,20 @@ def train(args):
 
 
 # --- sample, fid, forward, bench, compare: the other commands -----------------------------------
-def load_sampler(path, device):
+def load_sampler(path, device, compile_mode=None):
     """(model, diffusion, config) of a checkpoint: its EMA weights, in eval() mode."""
     ckpt = load_checkpoint(path)
     config = dict(ckpt["config"], step=ckpt["step"])
-    model = build_model(config)
+    model = build_model(config, device)
     try:
         model.load_state_dict(ckpt["ema"])
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{path} holds no EMA weights that fit its network ({first_line(e)})")
-    diffusion = GaussianDiffusion(SCHEDULES[config["schedule"]](config["timesteps"]))
-    return to_device(model, device).eval(), diffusion.to(device), config
+    return compile_model(model.eval(), compile_mode), build_diffusion(config, device), config
 
 
 def class_labels(label, classes, n):
-    """The class of each of n images from a model of `classes` classes (0: unconditional, None):
-    --class K, all (a row of 8 for each class), or None (each class in turn)."""
+    """The classes of n images for --class K, all (8 of each) or None (each in turn)."""
     if label is not None and not classes:
         raise UserError("--class: the model is not class-conditional (train with --class-cond)")
     if label not in (None, "all") and label >= classes:
@@ -1518,8 +1447,7 @@ def class_labels(label, classes, n):
 
 
 def sample_images(model, diffusion, config, sampler, n, label, batch_size, seed, amp):
-    """(n, C, H, W) uint8 images from a checkpoint's model and config, as sample and fid draw them:
-    with sampler, and for a class-conditional model of the classes --class (label) asks for."""
+    """n uint8 images from a checkpoint's model, of the classes --class asks for."""
     classes, S = config.get("num_classes", 0), config["image_size"]
     labels = class_labels(label, classes, n)
     shape = (config["channels"], S, S)
@@ -1527,10 +1455,9 @@ def sample_images(model, diffusion, config, sampler, n, label, batch_size, seed,
 
 
 def write_samples(args):
-    """sample: --num-samples images from a checkpoint alone, as PNG files or one npz, a grid, and a
-    record of how they were drawn (sample.json)."""
+    """sample: images from a checkpoint as PNG files, a grid.png and sample.json."""
     device, amp = setup_device(args.device, args.amp)
-    model, diffusion, config = load_sampler(args.ckpt, device)
+    model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
     how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
     sampler, classes = choose_sampler(args.sampler, *how), config.get("num_classes", 0)
     n, shown = args.num_samples, 64  # the grid: the first 64
@@ -1540,56 +1467,34 @@ def write_samples(args):
     out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     folder = out_dir / "images"
     stale = [p for p in folder.glob("*.png") if not p.stem.isdigit() or int(p.stem) >= n]
-    if args.format == "png" and stale:  # an earlier, larger run's images: FID would read them
+    if stale:  # an earlier, larger run's images: FID would read them
         what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
         raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
-    prepare_out_dir(out_dir)
-    model, how = compile_model(model, args.compile), (args.label, args.batch_size, args.seed, amp)
+    prepare_out_dir(folder)
+    how = (args.label, args.batch_size, args.seed, amp)
     images = sample_images(model, diffusion, config, sampler, n, *how)  # (n, C, H, W) uint8
     save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png")
-    if args.format == "png":  # one file per image: what pytorch-fid and clean-fid read
-        folder.mkdir(exist_ok=True)
-        progress = Progress(f"writing {folder}", n)
-        for k, img in enumerate(images):
-            save_image(img / 255.0, folder / f"{k:06d}.png")  # 8-bit values, exactly
-            progress.tick()
-    else:  # one uint8 array (N, H, W, C), stored under the default key arr_0
-        np.savez(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy())
-    record = dict(images=n, format=args.format, checkpoint=str(args.ckpt), step=config["step"])
-    add_record(out_dir / "sample.json", dict(record, sampler=str(sampler), seed=args.seed))
-    where = folder if args.format == "png" else out_dir / "samples.npz"
-    print(f"wrote {n} images ({sampler}) to {where}, a grid.png and sample.json beside them")
-
-
-def read_images(path):
-    """fid --images: an npz written by sample (uint8 (N, H, W, C)), or the images under a folder,
-    all at the size of the first."""
-    if path.suffix != ".npz":
-        # the images sample writes, and not the grid of them it writes beside them
-        return load_image_folder(path, None, flag="--images", leave_out=("grid.png",))[0]
-    try:
-        with np.load(path) as f:
-            x = torch.from_numpy(f["arr_0"])
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"--images {path}: not an npz written by sample ({first_line(e)})")
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UserError(f"--images {path}: arr_0 {tuple(x.shape)} is not uint8 (N, H, W, C)")
-    return x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    progress = Progress(f"writing {folder}", n)
+    for k, image in enumerate(images):  # one PNG file per image: what FID programs read
+        Image.fromarray(image.permute(1, 2, 0).squeeze(2).numpy()).save(folder / f"{k:06d}.png")
+        progress.tick()
+    record = dict(images=n, checkpoint=str(args.ckpt), step=config["step"], sampler=str(sampler))
+    add_record(out_dir / "sample.json", dict(record, seed=args.seed, label=args.label))
+    print(f"wrote {n} images ({sampler}) to {folder}, a grid.png and sample.json beside it")
 
 
 def measure_fid(args):
-    """fid: the FID of --num-samples images from a checkpoint (or of --images) against the training
-    set's statistics; prints it with its protocol, and adds both to fid.json beside them."""
+    """fid: the FID of a checkpoint's samples or of --images, added to fid.json."""
     if bool(args.ckpt) == bool(args.images):
-        raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR|FILE.npz")
+        raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR")
     device, amp = setup_device(args.device, args.amp)
     config, images = {}, None
     if args.ckpt:
-        model, diffusion, config = load_sampler(args.ckpt, device)
+        model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
         how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
         sampler = choose_sampler(args.sampler, *how)
-    else:
-        images = read_images(Path(args.images))  # (N, C, H, W) uint8
+    else:  # the images sample writes, and not the grid of them it writes beside them
+        images = load_image_folder(Path(args.images), None, None, "--images", ["grid.png"])[0]
     dataset = args.dataset or config.get("dataset", "cifar10")  # the run's training set
     data_dir = args.data_dir or config.get("data_dir", "data")
     size = config.get("image_size") or images.shape[-1]
@@ -1598,10 +1503,7 @@ def measure_fid(args):
     mu, sigma, reference = reference_statistics(*where)
     t0, record = time.time(), dict(images=args.images)
     if args.ckpt:
-        model, how = (
-            compile_model(model, args.compile),
-            (args.label, args.batch_size, args.seed, amp),
-        )
+        how = (args.label, args.batch_size, args.seed, amp)
         images = sample_images(model, diffusion, config, sampler, args.num_samples, *how)
         images_from = f"the EMA weights of {args.ckpt}"
         record = dict(images=images_from, sampler=str(sampler), seed=args.seed, label=args.label)
@@ -1619,11 +1521,10 @@ def measure_fid(args):
 
 
 def draw_forward_process(args):
-    """forward: the forward-process picture [Eq. 4]. A row per image, x_0 then q_sample at
-    t = T/10, ..., T, with one eps per row so that each row shows one noise growing."""
+    """forward: rows of x_0, then x_t at t = T/10, ..., T with one eps [Eq. 4]."""
     images = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images)[0]
     x_0, n, T = images.float() / 127.5 - 1, len(images), args.timesteps  # x_0: (n, C, H, W)
-    diffusion = GaussianDiffusion(SCHEDULES[args.schedule](T))
+    diffusion = GaussianDiffusion(linear_beta_schedule(T))
     steps = [max(0, T * k // 10 - 1) for k in range(1, 11)]  # code t of paper t = T/10, ..., T
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(args.seed))
     columns = [x_0] + [diffusion.q_sample(x_0, torch.full((n,), t), noise) for t in steps]
@@ -1634,9 +1535,7 @@ def draw_forward_process(args):
 
 
 def benchmark(args):
-    """bench: time --steps training iterations (all of Algorithm 1) and sampler network
-    evaluations on random data, after 3 untimed calls of each (compiling, if asked). On a GPU the
-    paper's network at batch 128 by default; on a CPU the quick start's at batch 32."""
+    """bench: images/s of training iterations and of network evaluations when sampling."""
     device, amp = setup_device(args.device, args.amp)
     cuda = device.type == "cuda"
     config = dict(PAPER, channels=3, **({} if cuda else QUICKSTART))
@@ -1648,9 +1547,8 @@ def benchmark(args):
     data = torch.randint(0, 256, (4 * B, 3, S, S), dtype=torch.uint8, device=device)
     x_t, t = torch.randn(B, 3, S, S, device=device), torch.randint(0, T, (B,), device=device)
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} CPU threads"
-    n = count_parameters(training.net)
-    what = f"{config['model']}, {n:,} parameters, {S}x{S}, batch {B}, amp {amp}"
-    print(f"bench: {what}, compile {args.compile}, {where}, torch {torch.__version__}")
+    what = f"{config['model']}, {count_parameters(training.net):,} parameters, {S}x{S}, batch {B}"
+    print(f"bench: {what}, amp {amp}, compile {args.compile}, {where}, torch {torch.__version__}")
     for name in ("train", "sample"):
         progress = Progress(f"bench: {name}", 3 + args.steps, B)
         for k in range(3 + args.steps):
@@ -1675,8 +1573,8 @@ def benchmark(args):
 
 
 def read_run(folder):
-    """A run's curves: log.csv's loss by step, fid.csv's FIDs by images seen, fid.json's records."""
-    rows, path = {}, folder / "fid.json"
+    """A run's curves: log.csv's loss by step (steps, losses) and fid.csv's (images seen, FID)."""
+    rows = {}
     try:
         for name in ("log.csv", "fid.csv"):
             if (folder / name).exists():
@@ -1684,42 +1582,34 @@ def read_run(folder):
                     rows[name] = list(csv.DictReader(f))
         loss = {int(r["step"]): float(r["loss"]) for r in rows.get("log.csv", [])}  # last wins
         fids = [(int(r["images_seen"]), float(r["fid"])) for r in rows.get("fid.csv", [])]
-        scored = json.loads(path.read_text()) if path.exists() else []
     except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{folder}: a log.csv, fid.csv or fid.json not written by ddpm.py ({e})")
+        raise UserError(f"{folder}: a log.csv or fid.csv not written by ddpm.py ({e})")
     if not loss:
         raise UserError(f"{folder / 'log.csv'} has no rows, or does not exist")
-    return np.array(list(loss)), np.array(list(loss.values())), fids, scored
+    return np.array(list(loss)), np.array(list(loss.values())), fids
 
 
 def compare_runs(args):
-    """compare: each run's mean loss (its log.csv) over 8 stretches of the steps all reached, then
-    its FIDs (fid.csv from --fid-every, fid.json from fid); --plot: both against images seen."""
+    """compare: runs' mean losses over 8 stretches and their FIDs; --plot: curves."""
     runs = {Path(folder): read_run(Path(folder)) for folder in args.runs}
-    last = min(int(steps.max()) for steps, *_ in runs.values())
+    last = min(int(steps.max()) for steps, _, _ in runs.values())
     edges = [round(last * k / 8) for k in range(9)]
     print(f"{'steps':>13} " + " ".join(f"{folder.name:>10}" for folder in runs))
     for lo, hi in zip(edges, edges[1:]):
-        means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss, *_ in runs.values()]
+        means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss, _ in runs.values()]
         print(f"{lo:>6}-{hi:<6} " + " ".join(f"{m:>10.4f}" for m in means))
-    for folder, (*_, fids, scored) in runs.items():
+    for folder, (_, _, fids) in runs.items():
         for seen, fid in fids:
             print(f"{folder.name}: FID {fid:.2f} after {seen:,} images (fid.csv, while training)")
-        for r in scored:
-            how = f"{r['samples']:,} images, {r['sampler']}"
-            print(f"{folder.name}: FID {r['fid']:.2f} at step {r['step']} ({how}; fid.json)")
     if args.plot:
         plot_runs(runs, args.plot)
 
 
 def plot_runs(runs, path):
     """compare --plot: loss and FID (fid.csv) against training images seen, one line per run."""
-    try:
-        import matplotlib.pyplot as plt  # an optional extra, imported only here
-    except ImportError:
-        raise UserError("--plot needs the matplotlib package: pip install matplotlib")
+    plt = optional("matplotlib.pyplot", "matplotlib", "--plot")
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for folder, (steps, loss, fids, _) in runs.items():
+    for folder, (steps, loss, fids) in runs.items():
         config = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]  # its batch size
         left.plot(steps * config["batch_size"], loss, label=folder.name)
         if fids:
@@ -1727,7 +1617,7 @@ def plot_runs(runs, path):
     left.set(xlabel="training images seen", ylabel="loss (mean per log.csv row)", yscale="log")
     right.set(xlabel="training images seen", ylabel="FID (fid.csv)")
     left.legend()
-    if any(fids for _, _, fids, _ in runs.values()):
+    if any(fids for _, _, fids in runs.values()):
         right.legend()
     figure.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -1750,13 +1640,12 @@ TO_DIFFUSERS = [
     (r"(attentions\.\d+)\.norm\.", r"\1.group_norm."),
     (r"\.proj_out\.", ".to_out.0."),
 ]
-# what diffusers' UNet2DModel must be set to for it to be the paper's network
+# what diffusers' UNet2DModel and its scheduler must be set to for them to be the paper's
 PAPER_UNET = dict(act_fn="silu", attention_head_dim=None, center_input_sample=False)
-PAPER_UNET.update(
-    downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1
-)
-PAPER_UNET.update(norm_eps=1e-6, norm_num_groups=32, time_embedding_type="positional")
-PAPER_UNET.update(resnet_time_scale_shift="default", downsample_type="conv", upsample_type="conv")
+PAPER_UNET.update(downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
+PAPER_UNET.update(mid_block_scale_factor=1, norm_eps=1e-6, norm_num_groups=32)
+PAPER_UNET.update(time_embedding_type="positional", resnet_time_scale_shift="default")
+PAPER_UNET.update(downsample_type="conv", upsample_type="conv")
 LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type="epsilon")
 
 
@@ -1769,8 +1658,7 @@ def read_json(path):
 
 
 def diffusers_config(folder):
-    """(our configuration, the weights file) of a diffusers UNet2DModel folder, or of a pipeline
-    folder with unet/ and scheduler/; one line for anything else."""
+    """(our config, weights file) of a diffusers UNet2DModel or pipeline folder."""
     unet = folder / "unet" if (folder / "unet").is_dir() else folder
     unet_config = read_json(unet / "config.json")
     scheduler = folder / "scheduler" / "scheduler_config.json"
@@ -1799,23 +1687,17 @@ def diffusers_config(folder):
 
 
 def read_weights(path):
-    """The tensors of a .safetensors file (the safetensors package, an optional extra) or of a
-    .bin file (torch.load with weights_only=True: never code)."""
+    """The tensors of a .bin (torch.load, weights_only) or a .safetensors file."""
+    if path.suffix == ".safetensors":
+        return optional("safetensors.torch", "safetensors", str(path)).load_file(path)
     try:
-        if path.suffix == ".bin":
-            return torch.load(path, map_location="cpu", weights_only=True)
-        from safetensors.torch import load_file
-    except ImportError:
-        raise UserError(f"{path} needs the safetensors package: pip install safetensors")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot load {path} ({first_line(e)})")
-    return load_file(path)
 
 
 def import_weights(args):
-    """import: a ckpt.pt in --out-dir from a folder in diffusers' format (the paper's released
-    weights: google/ddpm-cifar10-32 and others), every weight mapped and its shape checked, for
-    sample, fid and --resume."""
+    """import: a ckpt.pt from diffusers' format, every weight mapped and checked."""
     config, path = diffusers_config(Path(args.folder))
     config.update(dataset=args.dataset, data_dir=args.data_dir, num_classes=0, batch_size=128)
     theirs, state = read_weights(path), {}
@@ -1830,21 +1712,19 @@ def import_weights(args):
         else:
             tensor = theirs.pop(source, None)
         if tensor is None or tensor.shape not in (ours.shape, ours.shape[:2]):
-            raise UserError(
-                f"{path}: {source} is missing, or does not fit our {name} {tuple(ours.shape)}"
-            )
+            shape = tuple(ours.shape)
+            raise UserError(f"{path}: {source} is missing, or does not fit our {name} {shape}")
         state[name] = tensor.reshape(ours.shape)  # a linear layer's (C, C) as a 1x1 conv's
     if theirs:
         raise UserError(f"{path}: {next(iter(theirs))} has no place in the paper's network")
     net.load_state_dict(state)
-    training = make_training(net)
-    out_dir = Path(args.out_dir)
-    prepare_out_dir(out_dir)
-    rng = dict(torch=[torch.get_rng_state()], cuda=[None])
-    ckpt = dict(format=CKPT_FORMAT, config=dict(config, imported_from=str(path)), step=0)
-    ckpt.update(elapsed=0.0, rng=rng, **{k: p.state_dict() for k, p in parts(training).items()})
-    save_checkpoint(out_dir / "ckpt.pt", ckpt)
-    print(f"wrote {out_dir / 'ckpt.pt'}: {count_parameters(net):,} parameters from {path}")
+    prepare_out_dir(Path(args.out_dir))
+    state = dict(config=dict(config, imported_from=str(path)), step=0, elapsed=0.0)
+    cpu = torch.device("cpu")
+    checkpoint(Path(args.out_dir) / "ckpt.pt", make_training(net), state, 0, 1, 0, cpu)
+    print(
+        f"wrote {Path(args.out_dir) / 'ckpt.pt'}: {count_parameters(net):,} parameters from {path}"
+    )
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -1897,8 +1777,7 @@ RUN_FLAGS = [  # the network, its schedule and its data: on --resume, the checkp
     ("--num-res-blocks", bounded(int, 1, 64), 2, "residual blocks per level going down"),
     ("--attn-resolutions", int_list(4096), [16], "resolutions with self-attention (res_att)"),
     ("--dropout", FRACTION, 0.1, "dropout in every block"),
-    ("--timesteps", STEPS, 1000, "diffusion steps T"),
-    ("--schedule", list(SCHEDULES), "linear", "beta schedule; paper: linear 1e-4 to 0.02"),
+    ("--timesteps", STEPS, 1000, "diffusion steps T, of the paper's linear beta schedule"),
     ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
     ("--data-dir", str, "data", "the dataset's folder; for folder, any tree of .png/.jpg files"),
     ("--no-flip", bool, False, "no random horizontal flips (they are for cifar10 and folder)"),
@@ -1925,6 +1804,7 @@ SAMPLER_FLAGS = [
     ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
     ("--guidance", bounded(float, 0, 100), 0.5, GUIDANCE_HELP),
 ]
+REF_STATS = ("--ref-stats", str, None, "FID reference: an npz of mu and sigma; None: the data's")
 TRAIN_FLAGS = [
     ("--epochs", MANY, 100, "passes over the data; paper: 800k steps, about 2000"),
     ("--max-steps", COUNT, 0, "stop after this many steps if sooner; 0: no limit"),
@@ -1943,32 +1823,30 @@ TRAIN_FLAGS = [
     ("--fid-every", COUNT, 0, "an FID every N epochs, in fid.csv (needs pytorch-fid); 0: off"),
     ("--fid-samples", bounded(int, 2, 10**7), 10_000, "samples per --fid-every FID; paper: 50000"),
     ("--fid-batch-size", BATCH, 500, "images per sampler batch of a --fid-every FID"),
-    ("--ref-stats", str, None, "FID reference: an npz of mu and sigma; None: the training set's"),
+    REF_STATS,
 ]
 SAMPLE_FLAGS = [
     ("--ckpt", str, None, "a ckpt.pt written by train", dict(required=True)),
     ("--num-samples", bounded(int, 1, 10**7), 64, "how many images; an FID takes 50000"),
     ("--batch-size", BATCH, 500, "images per sampler batch"),
     ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
-    ("--format", ["png", "npz"], "png", "png files and a grid, or one uint8 (N, H, W, C) npz"),
     ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
 ]
 FID_FLAGS = [
     ("--ckpt", str, None, "a ckpt.pt written by train: the FID of its samples"),
-    ("--images", str, None, "or the FID of these: a folder of images, or an npz from sample"),
+    ("--images", str, None, "or the FID of the images in this folder (e.g. sample's)"),
     ("--num-samples", bounded(int, 2, 10**7), 50_000, "how many samples; paper: 50000"),
     *SAMPLE_FLAGS[2:4],
-    ("--dataset", RUN_FLAGS[9][1], None, "the reference set; None: the run's, or cifar10"),
+    ("--dataset", RUN_FLAGS[8][1], None, "the reference set; None: the run's, or cifar10"),
     ("--data-dir", str, None, "its folder, where its statistics are cached; None: the run's/data"),
-    TRAIN_FLAGS[-1],
+    REF_STATS,
 ]
-FORWARD_FLAGS = [row for row in RUN_FLAGS if row[0] in ("--image-size", "--timesteps")]
-FORWARD_FLAGS += [*RUN_FLAGS[8:11], RUNTIME_FLAGS[2]]
+FORWARD_FLAGS = [RUN_FLAGS[1], *RUN_FLAGS[7:10], RUNTIME_FLAGS[2]]
 FORWARD_FLAGS += [
     ("--num-images", bounded(int, 1, 10**4), 8, "rows, one image each"),
     ("--out-dir", str, "runs", "writes forward_process.png there"),
 ]
-IMPORT_FLAGS = [("--out-dir", str, "runs/imported", "where ckpt.pt goes"), *RUN_FLAGS[9:11]]
+IMPORT_FLAGS = [("--out-dir", str, "runs/imported", "where ckpt.pt goes"), *RUN_FLAGS[8:10]]
 BENCH_FLAGS = [
     ("--batch-size", BATCH, None, "images per call; None: 128 on a GPU, 32 on a CPU"),
     ("--steps", bounded(int, 1, 10**6), 20, "timed calls of each, after 3 untimed ones"),
@@ -1976,8 +1854,7 @@ BENCH_FLAGS = [
 
 
 def add_flags(parser, title, rows, decided=""):
-    """Add a group of flags from rows (flag, type, default, help[, more keywords]). decided: who
-    decides the flags not typed; their default is then None, and the help names it."""
+    """Add a group of flags from rows; decided: who decides the flags not typed."""
     group = parser.add_argument_group(title)
     for flag, kind, default, text, *more in rows:
         kwargs = dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
@@ -2006,7 +1883,7 @@ def build_parser():
         add_flags(p, "sampler", SAMPLER_FLAGS)
         add_flags(p, p.prog.split()[-1], rows)
     add_flags(commands["forward"], "forward", FORWARD_FLAGS)
-    add_flags(commands["bench"], "network", RUN_FLAGS[:9], "; on a CPU, the quick start's")
+    add_flags(commands["bench"], "network", RUN_FLAGS[:8], "; on a CPU, the quick start's")
     add_flags(commands["bench"], "runtime", RUNTIME_FLAGS)
     add_flags(commands["bench"], "bench", BENCH_FLAGS)
     commands["import"].add_argument("folder", help="diffusers' UNet2DModel, or a pipeline folder")
@@ -2025,10 +1902,7 @@ COMMANDS = {  # name: (its function, its help)
     "bench": (benchmark, "measure training and sampling speed"),
     "fid": (measure_fid, "the FID of a checkpoint's samples, or of images"),
     "compare": (compare_runs, "compare the loss and FID curves of runs"),
-    "import": (
-        import_weights,
-        "the paper's released weights, from diffusers' format, as a ckpt.pt",
-    ),
+    "import": (import_weights, "the paper's released weights, from diffusers' format"),
 }
 
 
@@ -2041,8 +1915,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
-    """Run a command; returns 0, 2 for bad input (one line on stderr) or 130 for Ctrl-C. Under
-    torchrun only rank 0 prints that line; the other ranks exit alike."""
+    """Run a command: 0, 2 for bad input (one line; rank 0's) or 130 for Ctrl-C."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command][0](args) or 0

@@ -61,13 +61,12 @@ def main():
     for w in args.weights.split(","):
         out = Path(args.out_dir) / f"w{w}"
         argv = ["sample", "--ckpt", args.ckpt, "--num-samples", str(n), "--batch-size", "500"]
-        argv += ["--format", "npz", "--out-dir", str(out), "--sampler", args.sampler]
+        argv += ["--out-dir", str(out), "--sampler", args.sampler]
         argv += ["--device", "cpu", "--seed", "0", "--class", "all", "--guidance", w]
         t0 = time.time()
         assert ddpm.main(argv) == 0
         seconds = time.time() - t0
-        arr = np.load(out / "samples.npz")["arr_0"]
-        samples = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+        samples = ddpm.load_image_folder(out / "images", None)[0].float() / 127.5 - 1
         feats = quality.features(net, samples)
         with torch.no_grad():
             predicted = torch.cat([net(b) for b in samples.split(500)]).argmax(1).numpy()

@@ -144,8 +144,6 @@ def main():
             str(args.num_samples),
             "--batch-size",
             "500",
-            "--format",
-            "npz",
             "--out-dir",
             str(out),
             "--sampler",
@@ -160,11 +158,7 @@ def main():
         t0 = time.time()
         assert ddpm.main(argv + (["--sample-steps", str(steps)] if steps else [])) == 0
         seconds = time.time() - t0
-        arr = (
-            torch.from_numpy(np.load(out / "samples.npz")["arr_0"]).permute(0, 3, 1, 2).float()
-            / 127.5
-            - 1
-        )
+        arr = ddpm.load_image_folder(out / "images", None)[0].float() / 127.5 - 1
         fd = frechet(features(net, arr), reference)
         spread = classes(net, arr)
         rows.append(
