@@ -1135,13 +1135,13 @@ def open_run(path, resume, typed):
     if not resume and path.exists():
         raise UserError(f"{path} exists: add --resume to continue it, or another --out-dir")
     ckpt, config = load_checkpoint(path) if resume else None, {}
+    if ckpt:  # the schedule of an earlier version is refused before any work
+        build_diffusion(ckpt["config"], "cpu")
     for key, default in PAPER.items():
         config[key] = default if ckpt is None else ckpt["config"].get(key, default)
         if ckpt and typed[key] not in (None, config[key]) and key != "data_dir":
-            flag, fix = (
-                f"--{key.replace('_', '-')} {typed[key]}",
-                "drop it, or use another --out-dir",
-            )
+            flag = f"--{key.replace('_', '-')} {typed[key]}"
+            fix = "drop it, or start a new run in another --out-dir"
             raise UserError(f"--resume: {flag} contradicts the checkpoint's {config[key]}; {fix}")
         if typed[key] is not None:
             config[key] = typed[key]

@@ -1240,6 +1240,9 @@ def test_a_checkpoint_of_the_previous_version_still_samples_and_resumes(trained_
     torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
     with pytest.raises(ddpm.UserError, match="cosine schedule is no longer supported"):
         ddpm.load_sampler(tmp_path / "old" / "ckpt.pt", torch.device("cpu"))
+    resume = train_flags(image_dir, tmp_path / "old", "--resume", "--max-steps", "12")
+    with pytest.raises(ddpm.UserError, match="cosine schedule is no longer supported"):
+        ddpm.train(ddpm.parse_args(resume))
 
 
 def test_sample_from_checkpoint(trained_run, tmp_path):
