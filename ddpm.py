@@ -713,13 +713,16 @@ def dpm_solver_sample_loop(
 # --- Classifier-free guidance  [Ho & Salimans 2022, arXiv:2207.12598] -------------------------
 # NOTE(paper): not in the paper; --class-cond trains on the labels, --guidance W samples with them
 def drop_labels(y, num_classes, drop):
-    """The labels y (B,), each replaced by "no label" (num_classes) with probability drop."""
+    """The class labels y (B,), each replaced by "no label" (num_classes) with probability drop, so
+    that one network learns eps(x_t, t, y) and eps(x_t, t) [Ho & Salimans, Alg. 1]."""
     dropped = torch.rand(y.shape, device=y.device) < drop  # (B,)
     return torch.where(dropped, num_classes, y)
 
 
 class Guided:
-    """A conditional network as samplers call it, guided: (1 + w) eps(x, t, y) - w eps(x, t)."""
+    """A class-conditional network as the samplers call it, model(x_t, t), with classifier-free
+    guidance of weight w toward the classes y, from one batched evaluation [Ho & Salimans, Eq. 6]:
+        eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label)."""
 
     def __init__(self, model, y, w, num_classes):
         self.model, self.w, self.training = model, w, model.training
@@ -1024,7 +1027,8 @@ def draw_pictures(model, diffusion, sampler, x_T, amp, seed, path, rows=()):
 
 
 def generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels=None, classes=0):
-    """n uint8 images in whole batches, x_T drawn on the CPU from seed; labels: guided."""
+    """n uint8 images in whole batches, x_T drawn on the CPU from seed (the same on any device);
+    labels (n,): the classes to draw from a class-conditional model, guided."""
     device, batch = diffusion.betas.device, min(batch_size, n)
     x_T_generator = torch.Generator().manual_seed(seed)
     z_generator = torch.Generator(device).manual_seed(seed ^ Z_STREAM)
