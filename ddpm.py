@@ -1594,10 +1594,11 @@ def read_run(folder):
 
 
 def compare_runs(args):
-    """compare: runs' mean losses over 8 stretches and their FIDs; --plot: curves."""
+    """compare: runs' mean losses over up to 8 stretches and their FIDs; --plot: curves."""
     runs = {Path(folder): read_run(Path(folder)) for folder in args.runs}
     last = min(int(steps.max()) for steps, _, _ in runs.values())
-    edges = [round(last * k / 8) for k in range(9)]
+    parts = min(8, min(len(steps) for steps, _, _ in runs.values()))  # no more than log rows
+    edges = [round(last * k / parts) for k in range(parts + 1)]
     print(f"{'steps':>13} " + " ".join(f"{folder.name:>10}" for folder in runs))
     for lo, hi in zip(edges, edges[1:]):
         means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss, _ in runs.values()]
