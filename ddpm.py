@@ -72,7 +72,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image  # Pillow: installed with torchvision
 from torchvision.utils import save_image
 
 
@@ -782,7 +781,8 @@ class Watched:
 
     def __init__(self, model, progress, keep=()):
         self.model, self.progress, self.keep = model, progress, list(keep)
-        self.kept, self.calls, self.training = [], 0, model.training  # check_eval reads training
+        self.kept, self.calls = [], 0
+        self.training = model.training  # what check_eval reads
 
     def __call__(self, x_t, t):
         self.kept += [x_t] * self.keep.count(self.calls)  # a sampler of few steps: repeated
@@ -838,6 +838,7 @@ def load_image_folder(root, size, max_images=None, flag="--data-dir", leave_out=
     """(images, labels or None, classes) of image_files(root); a class a subfolder."""
     files = image_files(root, flag, leave_out)
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
+    from PIL import Image  # Pillow: installed with torchvision
 
     def read(path, mode=None):  # (C, h, w) uint8, grey or RGB (None: as the image is)
         try:
@@ -1055,7 +1056,8 @@ def inception(device):
     """pytorch-fid's InceptionV3, as papers use: images in [0, 1] -> 2048 pool3 features."""
     fid_inception = optional("pytorch_fid.inception", "pytorch-fid", "FID")
     try:
-        return fid_inception.InceptionV3([3]).eval().to(device)  # block 3: pool3, 2048 features
+        blocks = [fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]  # pool3: 2048 features
+        return fid_inception.InceptionV3(blocks).eval().to(device)
     except OSError as e:  # it downloads its weights on first use
         where = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
         fix = f"put {FID_WEIGHTS} (pytorch-fid's GitHub releases) at {where}"
@@ -1478,6 +1480,8 @@ def write_samples(args):
     how = (args.label, args.batch_size, args.seed, amp)
     images = sample_images(model, diffusion, config, sampler, n, *how)  # (n, C, H, W) uint8
     save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png")
+    from PIL import Image  # Pillow: installed with torchvision
+
     progress = Progress(f"writing {folder}", n)
     for k, image in enumerate(images):  # one PNG file per image: what FID programs read
         Image.fromarray(image.permute(1, 2, 0).squeeze(2).numpy()).save(folder / f"{k:06d}.png")
@@ -1498,7 +1502,8 @@ def measure_fid(args):
         how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
         sampler = choose_sampler(args.sampler, *how)
     else:  # the images sample writes, and not the grid of them it writes beside them
-        images = load_image_folder(Path(args.images), None, None, "--images", ["grid.png"])[0]
+        grid = ["grid.png"]
+        images = load_image_folder(Path(args.images), None, flag="--images", leave_out=grid)[0]
     dataset = args.dataset or config.get("dataset", "cifar10")  # the run's training set
     data_dir = args.data_dir or config.get("data_dir", "data")
     size = config.get("image_size") or images.shape[-1]
