@@ -4,9 +4,9 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file.
 A faithful, readable PyTorch implementation of Ho, Jain & Abbeel, "Denoising Diffusion
 Probabilistic Models" (arXiv:2006.11239, 2020), checked against the paper's official code.
 Parts I-III are the method: read them with the paper open, or paste them alone into a notebook,
-where they train and sample. After the banner that ends Part III come the extras (another
-schedule, two fast samplers) and the engineering (progress lines, checkpoints, FID, signals, DDP,
-the command line). README.md has the commands; the main one:
+where they train and sample. After the banner that ends Part III come the extras (two fast
+samplers, classifier-free guidance) and the engineering (progress lines, checkpoints, FID,
+signals, DDP, the command line). README.md has the commands; the main one:
     pip install -r requirements.txt && python ddpm.py --model res_att --epochs 100
 
 Paper symbols and their names here
@@ -1166,9 +1166,8 @@ def build_training(config, device, amp, compile_mode, world=1, **recipe):
 
 def training_data(config, cond_drop, device):
     """(images, labels or None, classes) of a run's dataset, on the device."""
-    data, labels, classes = load_dataset(
-        config["dataset"], config["data_dir"], config["image_size"]
-    )
+    where = (config["dataset"], config["data_dir"], config["image_size"])
+    data, labels, classes = load_dataset(*where)
     if not config["class_cond"]:
         return data.to(device), None, 0
     if classes < 2:
@@ -1730,11 +1729,9 @@ def import_weights(args):
     net.load_state_dict(state)
     prepare_out_dir(Path(args.out_dir))
     state = dict(config=dict(config, imported_from=str(path)), step=0, elapsed=0.0)
-    cpu = torch.device("cpu")
-    checkpoint(Path(args.out_dir) / "ckpt.pt", make_training(net), state, 0, 1, 0, cpu)
-    print(
-        f"wrote {Path(args.out_dir) / 'ckpt.pt'}: {count_parameters(net):,} parameters from {path}"
-    )
+    out, cpu = Path(args.out_dir) / "ckpt.pt", torch.device("cpu")
+    checkpoint(out, make_training(net), state, 0, 1, 0, cpu)
+    print(f"wrote {out}: {count_parameters(net):,} parameters from {path}")
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -1887,6 +1884,7 @@ def build_parser():
     for name, (_, what) in COMMANDS.items():
         commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
     train, sample, fid = commands["train"], commands["sample"], commands["fid"]
+    compare = commands["compare"]
     add_flags(train, "the run (on --resume, the checkpoint's)", RUN_FLAGS, "; --resume: the run's")
     for p, rows in ((train, TRAIN_FLAGS), (sample, SAMPLE_FLAGS), (fid, FID_FLAGS)):
         add_flags(p, "runtime", RUNTIME_FLAGS)
@@ -1898,10 +1896,8 @@ def build_parser():
     add_flags(commands["bench"], "bench", BENCH_FLAGS)
     commands["import"].add_argument("folder", help="diffusers' UNet2DModel, or a pipeline folder")
     add_flags(commands["import"], "import", IMPORT_FLAGS)
-    commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
-    commands["compare"].add_argument(
-        "--plot", metavar="FILE.png", help="draw the curves there (default: none)"
-    )
+    compare.add_argument("runs", nargs="+", help="run folders, each with its log.csv")
+    compare.add_argument("--plot", metavar="FILE.png", help="draw the curves there (default: none)")
     return parser
 
 
