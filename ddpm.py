@@ -1516,7 +1516,8 @@ def measure_fid(args):
         images_from = f"the EMA weights of {args.ckpt}"
         record = dict(images=images_from, sampler=str(sampler), seed=args.seed, label=args.label)
         record.update(step=config["step"], images_seen=config["step"] * config["batch_size"])
-    stats = feature_statistics(network, images, device, f"{len(images):,} images")
+    what = f"{len(images):,} images" if args.ckpt else f"--images {args.images}"
+    stats = feature_statistics(network, images, device, what)
     fid = round(frechet_distance(*stats, mu, sigma), 4)
     record = dict(fid=fid, samples=len(images), **record, reference=reference)
     record.update(network=FID_NETWORK, seconds=round(time.time() - t0, 1))  # after the reference

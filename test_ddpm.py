@@ -59,7 +59,7 @@ def float64_schedule(T=1000):
 
 def test_file_budget_and_plain_forms():
     """ddpm.py: the method (Parts I-III, up to the banner) at most 600 non-blank lines and the file
-    at most 1,675 (the brief asks for 1,400, not met yet); no definition after the banner longer
+    at most 1,670 (the brief asks for 1,400, not met yet); no definition after the banner longer
     than 120 lines; no line over 100 characters up to the banner or 110 after it; no walrus, no
     ternary inside a ternary and no lambda bound to a name (STYLE.md: cut, do not compress)."""
     lines = SOURCE.splitlines()
@@ -68,7 +68,7 @@ def test_file_budget_and_plain_forms():
     def nonblank(part):
         return sum(1 for line in part if line.strip())
 
-    assert nonblank(lines) <= 1675 and nonblank(lines[:banner]) <= 600
+    assert nonblank(lines) <= 1670 and nonblank(lines[:banner]) <= 600
     assert max(len(line) for line in lines[:banner]) <= 100
     assert max(len(line) for line in lines[banner:]) <= 110
     tree = ast.parse(SOURCE)
@@ -2091,7 +2091,7 @@ def test_fid_errors_end_in_one_line_before_any_work(
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one" / "0.png")
     np.savez(tmp_path / "ok.npz", mu=np.zeros(16), sigma=np.eye(16))
     one = ["--images", str(tmp_path / "one"), "--ref-stats", str(tmp_path / "ok.npz")]
-    expect_error([*fid, *one], "2 or more images", capsys=capsys)
+    expect_error([*fid, *one], "2 or more images; --images", "has 1", capsys=capsys)
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "0.png").write_text("not a PNG")
     expect_error([*fid, "--images", str(tmp_path / "text")], "cannot decode", capsys=capsys)
