@@ -1345,8 +1345,8 @@ def train(args):
         network = inception(device)
         where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
         reference = reference_statistics(*where)[:2]
-    fid_labels = class_labels(None, classes, args.fid_samples)
     fid_how = (fid_sampler, args.fid_samples, (C, H, W), args.fid_batch_size, args.seed, amp)
+    fid_how += (class_labels(None, classes, args.fid_samples), classes)  # each class in turn
 
     # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
     step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
@@ -1404,8 +1404,7 @@ def train(args):
                 path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
                 draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
             if epoch_end and args.fid_every and epoch % args.fid_every == 0:  # a share each
-                how = (*fid_how, fid_labels, classes)
-                fid = sample_fid(network, reference, training.ema, diffusion, how, rank, world)
+                fid = sample_fid(network, reference, training.ema, diffusion, fid_how, rank, world)
                 if rank == 0:
                     row = [step, step * B, fid, args.fid_samples, config["fid_sampler"]]
                     log_fid(fid_log, wandb, row + [time.time() - now])
