@@ -1069,8 +1069,9 @@ def feature_statistics(network, images, device, what):
     """(mu, sigma) in float64 of the features of uint8 images, seen as PNGs are."""
     if len(images) < 2:  # one image has no covariance
         raise UserError(f"FID needs 2 or more images; {what} has {len(images)}")
-    progress, features = Progress(f"features of {what}", math.ceil(len(images) / 250), 250), []
-    for batch in images.split(250):
+    size = 250 if device.type == "cuda" else 25  # a CPU takes some 3 s for 25: a line every 5 s
+    progress, features = Progress(f"features of {what}", math.ceil(len(images) / size), size), []
+    for batch in images.split(size):
         x = batch.to(device).float().div(255).expand(-1, 3, -1, -1)  # grey: 3 equal channels
         features.append(network(x)[0].flatten(1).double().cpu())  # (B, 2048)
         progress.tick()
@@ -1599,6 +1600,8 @@ def read_run(folder):
 
 def compare_runs(args):
     """compare: runs' mean losses over up to 8 stretches and their FIDs; --plot: curves."""
+    # matplotlib before any output: without it, its one line alone
+    plt = optional("matplotlib.pyplot", "matplotlib", "--plot") if args.plot else None
     runs = {Path(folder): read_run(Path(folder)) for folder in args.runs}
     last = min(int(steps.max()) for steps, _, _ in runs.values())
     parts = min(8, min(len(steps) for steps, _, _ in runs.values()))  # no more than log rows
@@ -1610,13 +1613,12 @@ def compare_runs(args):
     for folder, (_, _, fids) in runs.items():
         for seen, fid in fids:
             print(f"{folder.name}: FID {fid:.2f} after {seen:,} images (fid.csv, while training)")
-    if args.plot:
-        plot_runs(runs, args.plot)
+    if plt:
+        plot_runs(plt, runs, args.plot)
 
 
-def plot_runs(runs, path):
+def plot_runs(plt, runs, path):
     """compare --plot: loss and FID (fid.csv) against training images seen, one line per run."""
-    plt = optional("matplotlib.pyplot", "matplotlib", "--plot")
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     for folder, (steps, loss, fids) in runs.items():
         config = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]  # its batch size
