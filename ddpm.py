@@ -1747,25 +1747,26 @@ class Parser(argparse.ArgumentParser):
 def bounded(kind, lo, hi):
     """An argparse type: kind(text), refused unless lo <= value <= hi (NaN always is)."""
 
-    def parse(text):
+    def number(text):
         value = kind(text)
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{text}: must be from {lo:,} to {hi:,}")
         return value
 
-    return parse
+    number.__name__ = kind.__name__  # argparse's message when kind(text) fails: invalid int value
+    return number
 
 
 def int_list(hi):
     """An argparse type: '1,2,2,2' -> [1, 2, 2, 2], 1 to 16 integers, each from 1 to hi."""
 
-    def parse(text):
+    def integers(text):
         values = [bounded(int, 1, hi)(v) for v in text.split(",")]
         if len(values) > 16:
             raise argparse.ArgumentTypeError(f"{text}: must be at most 16 integers")
         return values
 
-    return parse
+    return integers
 
 
 def class_label(text):
@@ -1916,9 +1917,8 @@ COMMANDS = {  # name: (its function, its help)
 
 def parse_args(argv):
     """Parse a command line; train when it names no command."""
-    argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
-        argv.insert(0, "train")
+        argv = ["train", *argv]
     return build_parser().parse_args(argv)
 
 

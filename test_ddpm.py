@@ -1630,7 +1630,8 @@ def test_bad_input_gives_one_line_errors(image_dir, trained_run, tmp_path, capsy
     expect_error(run("--amp", "fp16"), "--amp", "invalid choice", capsys=capsys)
     expect_error(run("--image-size", "7"), "divisible", "--image-size", capsys=capsys)
     expect_error(run("--base-channels", "48"), "multiples of 32", "--base-channels", capsys=capsys)
-    expect_error(run("--channel-mult", "1,x"), "--channel-mult", capsys=capsys)
+    expect_error(run("--channel-mult", "1,x"), "--channel-mult", "invalid integers", capsys=capsys)
+    expect_error(run("--epochs", "1.5"), "--epochs: invalid int value: '1.5'", capsys=capsys)
     expect_error(run("--batch-size", "0"), "--batch-size", capsys=capsys)
     # numbers out of range, each caught before any work with the flag's name and its range
     for flag, value, must in [
