@@ -264,20 +264,15 @@ def test_eps_form_mean_equals_posterior_mean():
     t = torch.tensor([1, 5, 100, 600, 999])
     eps = toy_model(x_t, t)
     mean, _ = d.q_posterior(d.predict_x0_from_eps(x_t, t, eps), x_t, t)
-    b, a = torch.from_numpy(betas[t]), torch.from_numpy(ac[t])
-    ref = (x_t.double() - (b / (1 - a).sqrt())[:, None, None, None] * eps.double()) / (
-        1 - b
-    ).sqrt()[:, None, None, None]
+    b = torch.from_numpy(betas[t]).reshape(5, 1, 1, 1)  # beta_t
+    a = torch.from_numpy(ac[t]).reshape(5, 1, 1, 1)  # alpha_bar_t
+    ref = (x_t.double() - b / (1 - a).sqrt() * eps.double()) / (1 - b).sqrt()  # Eq. 11
     torch.testing.assert_close(mean.double(), ref, atol=2e-5, rtol=1e-5)
-    x_t, small, z = (
-        torch.rand(5, 3, 4, 4) - 0.5,
-        0.01 * torch.randn(5, 3, 4, 4),
-        torch.randn(5, 3, 4, 4),
-    )
+    x_t, small = torch.rand(5, 3, 4, 4) - 0.5, 0.01 * torch.randn(5, 3, 4, 4)
+    z = torch.randn(5, 3, 4, 4)
     clipped, plain = (d.p_sample(lambda x, t: small, x_t, 10, z, clip) for clip in (True, False))
-    assert (
-        d.predict_x0_from_eps(x_t, torch.full((5,), 10), small).abs().max() < 1
-    )  # the clip is idle
+    x_0_pred = d.predict_x0_from_eps(x_t, torch.full((5,), 10), small)
+    assert x_0_pred.abs().max() < 1  # the clip is idle
     torch.testing.assert_close(clipped, plain, atol=2e-5, rtol=1e-5)
 
 
@@ -346,15 +341,17 @@ def test_attention_is_softmax_over_the_keys():
     block = randomized(ddpm.AttnBlock(32)).double()
     x = torch.randn(2, 32, 4, 4, dtype=torch.float64)
     B, C, H, W = x.shape
-    q, k, v = (
-        block.qkv(block.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)
-    )  # (B, N, C) each
+    qkv = block.qkv(block.norm(x)).reshape(B, 3, C, H * W)  # (B, 3, C, N)
+    q, k, v = qkv.transpose(2, 3).unbind(1)  # (B, N, C) each
     scores = q @ k.transpose(1, 2) / math.sqrt(C)  # (B, N queries, N keys)
     weights = scores.softmax(dim=-1)
     torch.testing.assert_close(weights.sum(-1), torch.ones(B, H * W, dtype=torch.float64))
     torch.testing.assert_close(ddpm.attention(q, k, v), weights @ v)
     torch.testing.assert_close(nn.functional.scaled_dot_product_attention(q, k, v), weights @ v)
-    attend = lambda w: x + block.proj_out((w @ v).transpose(1, 2).reshape(B, C, H, W))  # noqa: E731
+
+    def attend(w):  # x + proj_out(w v) for attention weights w
+        return x + block.proj_out((w @ v).transpose(1, 2).reshape(B, C, H, W))
+
     out = block(x)
     torch.testing.assert_close(out, attend(weights))
     assert (out - attend(scores.softmax(dim=-2))).abs().max() > 1e-3  # the original project's bug
@@ -419,22 +416,19 @@ def test_paper_network_structure():
     no shortcut (conv)."""
     model = ddpm.ResAttUNet()
     mods = list(model.modules())
-    count = lambda cls, mods=mods: sum(type(m) is cls for m in mods)  # noqa: E731
-    assert (
-        count(ddpm.ResBlock),
-        count(ddpm.AttnBlock),
-        count(nn.ZeroPad2d),
-        count(nn.Upsample),
-    ) == (22, 6, 3, 3)
-    assert all(
-        m.padding == (0, 1, 0, 1) for m in mods if isinstance(m, nn.ZeroPad2d)
-    )  # TensorFlow's "SAME", stride 2
+
+    def count(cls, modules=mods):
+        return sum(type(m) is cls for m in modules)
+
+    kinds = (ddpm.ResBlock, ddpm.AttnBlock, nn.ZeroPad2d, nn.Upsample)
+    assert [count(c) for c in kinds] == [22, 6, 3, 3]
+    pads = [m.padding for m in mods if isinstance(m, nn.ZeroPad2d)]
+    assert all(p == (0, 1, 0, 1) for p in pads)  # TensorFlow's "SAME", stride 2
     assert all(m.num_groups == 32 for m in mods if isinstance(m, nn.GroupNorm))
     assert all(m.p == 0.1 for m in mods if isinstance(m, nn.Dropout))
     zero = [m.conv2.weight for m in mods if isinstance(m, ddpm.ResBlock)]
-    zero += [m.proj_out.weight for m in mods if isinstance(m, ddpm.AttnBlock)] + [
-        model.conv_out.weight
-    ]
+    zero += [m.proj_out.weight for m in mods if isinstance(m, ddpm.AttnBlock)]
+    zero.append(model.conv_out.weight)
     assert all(w.abs().max() == 0 for w in zero)
     assert ddpm.count_parameters(model.temb) == 128 * 512 + 512 + 512 * 512 + 512
     x = torch.randn(1, 3, 32, 32)
@@ -446,11 +440,7 @@ def test_paper_network_structure():
     assert hits == [16, 16, 4, 16, 16, 16]  # down 2, middle (4x4), up 3
     res, conv = list(ddpm.ResUNet().modules()), list(ddpm.ConvUNet().modules())
     assert (count(ddpm.ResBlock, res), count(ddpm.AttnBlock, res)) == (22, 0)
-    assert (
-        count(ddpm.ConvBlock, conv),
-        count(ddpm.ResBlock, conv),
-        count(ddpm.AttnBlock, conv),
-    ) == (22, 0, 0)
+    assert [count(c, conv) for c in (ddpm.ConvBlock, ddpm.ResBlock, ddpm.AttnBlock)] == [22, 0, 0]
 
 
 def test_bad_network_sizes_raise_with_the_constraint():
@@ -488,16 +478,17 @@ def test_bf16_autocast_changes_the_speed_not_the_loss():
     torch.manual_seed(0)
     model = randomized(ddpm.ResAttUNet(in_channels=3, **TINY)).eval()
     d = linear_diffusion()
-    x_0, noise, t = (
-        torch.rand(16, 3, 8, 8) * 2 - 1,
-        torch.randn(16, 3, 8, 8),
-        torch.randint(0, 1000, (16,)),
-    )
+    x_0, noise = torch.rand(16, 3, 8, 8) * 2 - 1, torch.randn(16, 3, 8, 8)
+    t = torch.randint(0, 1000, (16,))
     convs, eps = [], []
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.register_forward_hook(lambda mod, inp, out: convs.append(out.dtype))
-    watched = lambda x_t, t: eps.append(model(x_t, t)) or eps[-1]  # noqa: E731
+
+    def watched(x_t, t):  # the model, its outputs kept in eps
+        eps.append(model(x_t, t))
+        return eps[-1]
+
     with torch.no_grad():
         loss32 = d.p_losses(watched, x_0, t, noise)
         assert set(convs) == {torch.float32} and eps[-1].dtype == torch.float32
@@ -624,11 +615,8 @@ def test_parts_one_to_three_alone_train_and_sample():
         samples.append(ns["p_sample_loop"](diffusion, model, shape, generator=generator))
     trained, noise = samples
     assert trained.shape == shape and trained.abs().max() <= 1
-    assert smoothness(x_0) > 0.8 and smoothness(trained) > 0.6 and smoothness(noise) < 0.3, (
-        smoothness(x_0),
-        smoothness(trained),
-        smoothness(noise),
-    )
+    smooth = [smoothness(x) for x in (x_0, trained, noise)]
+    assert smooth[0] > 0.8 and smooth[1] > 0.6 and smooth[2] < 0.3, smooth
 
 
 def test_sample_loops_refuse_train_mode():
@@ -789,15 +777,9 @@ def test_ddim_with_eta_between_0_and_1_is_eq_12_by_hand():
     ts = [i * 49 // 4 for i in reversed(range(5))]  # tau: floor(i (T - 1) / (S - 1)) [Sec. 4.2]
     x_T = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     for eta in (0.3, 0.7):
+        diffusion, g = linear_diffusion(50, 0.2), torch.Generator().manual_seed(1)
         out = ddpm.ddim_sample_loop(
-            linear_diffusion(50, 0.2),
-            toy_model,
-            x_T.shape,
-            5,
-            eta,
-            clip_denoised=False,
-            x_T=x_T,
-            generator=torch.Generator().manual_seed(1),
+            diffusion, toy_model, x_T.shape, 5, eta, clip_denoised=False, x_T=x_T, generator=g
         )
         ref = ddim_by_hand(ac, ts, x_T, eta, torch.Generator().manual_seed(1))
         torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
@@ -1222,19 +1204,16 @@ def test_a_checkpoint_of_the_previous_version_still_samples_and_resumes(trained_
     empty state, every rank's random states) samples and resumes."""
     ckpt = state_of(trained_run)
     ckpt.update(scaler={}, epoch=2)
-    ckpt["config"] = {
-        k: v for k, v in ckpt["config"].items() if k not in ("sampler", "fid_sampler")
-    }
+    for key in ("sampler", "fid_sampler"):  # not in the previous version's config
+        del ckpt["config"][key]
     ckpt["config"].update(weights="ema", ckpt_every=0, explicit=None, schedule="linear")
     (tmp_path / "old").mkdir()
     torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
     with contextlib.redirect_stdout(io.StringIO()):
         assert ddpm.main(sample_flags(tmp_path / "old" / "ckpt.pt", tmp_path / "s")) == 0
         image_dir = ckpt["config"]["data_dir"]
-        assert (
-            ddpm.main(train_flags(image_dir, tmp_path / "old", "--resume", "--max-steps", "11"))
-            == 0
-        )
+        flags = train_flags(image_dir, tmp_path / "old", "--resume", "--max-steps", "11")
+        assert ddpm.main(flags) == 0
     assert state_of(tmp_path / "old")["step"] == 11
     ckpt["config"]["schedule"] = "cosine"  # a schedule of an earlier version, since removed
     torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
@@ -1329,18 +1308,9 @@ def test_sample_draws_from_the_ema_weights(trained_run, tmp_path):
 def test_forward_picture_shows_q_sample_at_the_stated_steps(image_dir, tmp_path, capsys):
     """forward writes a row per image: x_0, then q_sample at the t it prints (T/10, ..., T) with one
     eps per row [Eq. 4]."""
-    flags = [
-        "forward",
-        "--dataset",
-        "folder",
-        "--data-dir",
-        str(image_dir),
-        "--out-dir",
-        str(tmp_path),
-    ]
-    assert (
-        ddpm.main([*flags, *"--image-size 8 --num-images 3 --timesteps 100 --seed 5".split()]) == 0
-    )
+    flags = ["forward", "--data-dir", str(image_dir), "--out-dir", str(tmp_path)]
+    flags += "--dataset folder --image-size 8 --num-images 3 --timesteps 100 --seed 5".split()
+    assert ddpm.main(flags) == 0
     stated = [int(t) for t in capsys.readouterr().out.split("columns x_0 then t = ")[1].split(", ")]
     assert stated == list(range(10, 101, 10))
     cells = grid_cells(
@@ -1410,16 +1380,7 @@ def test_resume_is_bit_identical_after_kills_with_one_log_row_per_step(
     class Killed(BaseException):  # not an Exception: nothing in ddpm.py catches it
         pass
 
-    common = [
-        "--max-steps",
-        "13",
-        "--sample-every",
-        "0",
-        "--log-every",
-        "1",
-        "--ckpt-minutes",
-        "1e-9",
-    ]
+    common = "--max-steps 13 --sample-every 0 --log-every 1 --ckpt-minutes 1e-9".split()
     assert ddpm.main(train_flags(image_dir, tmp_path / "once", *common)) == 0
     real_save, writes = ddpm.save_checkpoint, []
     kills = {3: "after the save", 6: "after the save", 7: "before the save", 11: "after the save"}
@@ -1457,9 +1418,8 @@ def test_resume_takes_the_network_and_data_from_the_checkpoint(image_dir, tmp_pa
     flags = ["--max-steps", "3", "--lr", "1e-3", "--sample-every", "0"]
     assert ddpm.main(train_flags(image_dir, out, *flags)) == 0
     resume = ["--resume", "--out-dir", str(out), "--device", "cpu", "--sample-every", "0"]
-    assert (
-        ddpm.main([*resume, *"--batch-size 8 --max-steps 6 --lr 5e-4 --image-size 8".split()]) == 0
-    )
+    resume += "--batch-size 8 --max-steps 6 --lr 5e-4 --image-size 8".split()
+    assert ddpm.main(resume) == 0
     config = state_of(out)["config"]
     assert state_of(out)["step"] == 6 and config["lr"] == 5e-4 and config["base_channels"] == 32
     assert config["data_dir"] == str(image_dir)
@@ -1505,10 +1465,8 @@ def test_an_ignored_sigint_stays_ignored(image_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(ddpm, "train_step", spy)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        assert (
-            ddpm.main(train_flags(image_dir, tmp_path, "--max-steps", "1", "--sample-every", "0"))
-            == 0
-        )
+        flags = train_flags(image_dir, tmp_path, "--max-steps", "1", "--sample-every", "0")
+        assert ddpm.main(flags) == 0
         assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -1598,10 +1556,8 @@ def test_checkpoints_are_timed_saved_at_the_end(image_dir, tmp_path, monkeypatch
         return real_save(path, state)
 
     monkeypatch.setattr(ddpm, "save_checkpoint", spy)
-    assert (
-        ddpm.main(train_flags(image_dir, tmp_path / "a", "--epochs", "2", "--sample-every", "0"))
-        == 0
-    )
+    flags = train_flags(image_dir, tmp_path / "a", "--epochs", "2", "--sample-every", "0")
+    assert ddpm.main(flags) == 0
     assert saves == [10]  # 2 epochs of 5 steps
     saves.clear()
     flags = ["--max-steps", "3", "--ckpt-minutes", "1e-9", "--sample-every", "0"]
@@ -1793,10 +1749,8 @@ def test_help_documents_every_flag():
             if action.nargs != 0 and not action.required:
                 assert "(default: " in action.help, (name, action.dest)
     train = " ".join(commands["train"].format_help().split())
-    assert (
-        "--base-channels BASE_CHANNELS channels at full size, a multiple of 32 "
-        "(default: 128; --resume: the run's)" in train
-    )
+    base = "--base-channels BASE_CHANNELS channels at full size, a multiple of 32 (default: 128"
+    assert base + "; --resume: the run's)" in train
     assert "eps = (1 + w) eps(x, y) - w eps(x); diffusers' guidance_scale is 1 + w" in train
 
 
@@ -1885,9 +1839,8 @@ def test_ddp_two_gloo_processes_agree_on_every_stop(image_dir, tmp_path):
     assert state_of(tmp_path / "signal")["step"] == 10
     assert r0["signal"][1].count("stopped at step 10: saved") == 1 and r1["signal"][1] == ""
     assert r0["disk"][0] == r1["disk"][0] == 2 and r0["disk"][2] == r1["disk"][2] == 6
-    assert (
-        "No space left on device" in r0["disk"][1] and len(r0["disk"][1].strip().splitlines()) == 1
-    )
+    disk_error = r0["disk"][1].strip()
+    assert "No space left on device" in disk_error and len(disk_error.splitlines()) == 1
     assert r1["disk"][1] == "" and not (tmp_path / "disk" / "ckpt.pt").exists()
     assert r0["fid"][0] == r1["fid"][0] == 0 and r0["shares"] == r1["shares"] == [3]
     (row,) = csv.DictReader(open(tmp_path / "fid" / "fid.csv"))
@@ -1922,12 +1875,8 @@ def test_frechet_distance_against_closed_forms():
     a second way of computing the trace of the root, gives."""
     g = torch.Generator().manual_seed(0)
     d, f64 = 64, dict(generator=g, dtype=torch.float64)
-    mu1, mu2, s1, s2 = (
-        torch.randn(d, **f64),
-        torch.randn(d, **f64),
-        torch.rand(d, **f64),
-        torch.rand(d, **f64),
-    )
+    mu1, mu2 = torch.randn(d, **f64), torch.randn(d, **f64)
+    s1, s2 = torch.rand(d, **f64), torch.rand(d, **f64)
     closed = float((mu1 - mu2).square().sum() + (s1 - s2).square().sum())
     diagonal = ddpm.frechet_distance(mu1, s1.square().diag(), mu2, s2.square().diag())
     assert diagonal == pytest.approx(closed, rel=1e-10)
@@ -2295,9 +2244,8 @@ def test_conditional_run_round_trip_and_pictures(conditional_run, tmp_path, caps
     resume = train_flags(
         image_dir, conditional_run, "--resume", "--max-steps", "4", "--sampler", "ddim"
     )
-    assert (
-        ddpm.main([*resume, "--sample-steps", "2"]) == 0 and state_of(conditional_run)["step"] == 4
-    )
+    assert ddpm.main([*resume, "--sample-steps", "2"]) == 0
+    assert state_of(conditional_run)["step"] == 4
     calls = []
     real = ddpm.Guided.__init__
 
