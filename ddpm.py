@@ -119,7 +119,8 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         # alpha_bar_{t-1}, with alpha_bar_0 = 1 before the first step
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
-        ac, ac_prev = alphas_cumprod, alphas_cumprod_prev  # short names for the formulas below
+        ac = alphas_cumprod  # short names for the formulas below
+        ac_prev = alphas_cumprod_prev
         buffers = {  # each glossed with its symbol and the code that reads it
             "betas": betas,  # beta_t; p_sample (Eq. 11, and sigma_t^2 = beta_t)
             "alphas_cumprod": ac,  # alpha_bar_t; the fast samplers after the banner
@@ -191,7 +192,8 @@ class GaussianDiffusion(nn.Module):
         the batch; `noise` fixes z (drawn when None)."""
         if variance not in ("fixedlarge", "fixedsmall"):
             raise ValueError(f"variance must be 'fixedlarge' or 'fixedsmall', got {variance!r}")
-        B, shape = x_t.shape[0], x_t.shape
+        shape = x_t.shape
+        B = shape[0]
         t_batch = torch.full((B,), t, device=x_t.device, dtype=torch.long)  # (B,)
         eps_pred = model(x_t, t_batch)  # eps_theta(x_t, t)
         if clip_denoised:
@@ -362,7 +364,8 @@ class ResAttUNet(nn.Module):
         if base_channels < 32 or any(w % 32 for w in widths):
             why = "so that GroupNorm(32) can split them"
             raise ValueError(f"channel widths {widths} must be multiples of 32 {why}")
-        self.base_channels, self.num_classes = base_channels, num_classes
+        self.base_channels = base_channels
+        self.num_classes = num_classes
         temb_ch = 4 * base_channels
         # timestep embedding: sinusoid (base) -> Linear (4 base) -> SiLU -> Linear (4 base)
         self.temb = nn.Sequential(
@@ -379,8 +382,11 @@ class ResAttUNet(nn.Module):
             return nn.ModuleList([block(in_ch, out_ch, temb_ch, dropout), attn])
 
         # Down: every stage output and every downsampled map is a skip the up path will take
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        skips, ch, res = [base_channels], base_channels, image_size
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skips = [base_channels]  # the channels of each skip, in the order they are made
+        ch = base_channels  # the channels of the running features
+        res = image_size  # their resolution
         for level, width in enumerate(widths):
             self.down.append(nn.ModuleList())
             for _ in range(num_res_blocks):
@@ -396,7 +402,8 @@ class ResAttUNet(nn.Module):
         self.mid_attn = AttnBlock(ch) if with_attention else nn.Identity()
         self.mid_block2 = block(ch, ch, temb_ch, dropout)
         # Up: num_res_blocks + 1 stages per level, each joining one skip
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             self.up.append(nn.ModuleList())
             for _ in range(num_res_blocks + 1):
