@@ -53,6 +53,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 import math
@@ -546,9 +547,17 @@ class Training:
 
 def make_training(net, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999, amp=None):
     """A Training for net: an EMA copy of it, and Adam with its warm-up."""
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = copy.deepcopy(net).eval().requires_grad_(requires_grad=False)
     optimizer, scheduler = make_optimizer(net, lr, warmup)
-    return Training(net, ema, optimizer, scheduler, grad_clip, ema_decay, amp)
+    return Training(
+        net=net,
+        ema=ema,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        grad_clip=grad_clip,
+        ema_decay=ema_decay,
+        amp=amp,
+    )
 
 
 def train_iteration(training, diffusion, x_0, step, model=None):
@@ -558,7 +567,7 @@ def train_iteration(training, diffusion, x_0, step, model=None):
     if model is None:
         model = training.net
     loss, grad_norm = train_step(  # Alg. 1, lines 3-5
-        model, diffusion, training.optimizer, x_0, training.grad_clip, training.amp
+        model, diffusion, training.optimizer, x_0, grad_clip=training.grad_clip, amp=training.amp
     )
     training.scheduler.step()
     ema_update(training.ema, training.net, step, training.ema_decay)
@@ -599,9 +608,9 @@ def p_sample_loop(
     # Alg. 2, line 2: for t = T, ..., 1 (code T-1, ..., 0)
     for t in reversed(range(diffusion.num_timesteps)):
         # Alg. 2, line 3: z ~ N(0, I) if t > 1 (code t > 0), else z = 0
-        noise = torch.randn(shape, generator=generator, device=device) if t > 0 else None
+        z = torch.randn(shape, generator=generator, device=device) if t > 0 else None
         # Alg. 2, line 4
-        x_t = diffusion.p_sample(model, x_t, t, noise, clip_denoised, variance)
+        x_t = diffusion.p_sample(model, x_t, t, z, clip_denoised=clip_denoised, variance=variance)
     # Alg. 2, line 6: return x_0
     return x_t
 
@@ -629,9 +638,7 @@ def ddim_timesteps(num_timesteps, steps):
 
 
 @torch.inference_mode()
-def ddim_sample_loop(
-    diffusion, model, shape, steps, eta=0.0, clip_denoised=True, x_T=None, generator=None
-):
+def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True, x_T=None, generator=None):
     """DDIM sampling [Song et al. 2021, Eq. 12] over the `steps` steps of ddim_timesteps. With
     a = alpha_bar_t and a' = alpha_bar of the next (smaller) step, each step is
         x_prev = sqrt(a') x_0_pred + sqrt(1 - a' - sigma^2) eps + sigma z,
@@ -682,9 +689,7 @@ def dpm_solver_timesteps(alphas_cumprod, steps):
 
 
 @torch.inference_mode()
-def dpm_solver_sample_loop(
-    diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None
-):
+def dpm_solver_sample_loop(diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None):
     """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep
     solver of the probability-flow ODE in the log-SNR lambda, one network evaluation per step. With
     a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred predicted
@@ -698,10 +703,12 @@ def dpm_solver_sample_loop(
     device = diffusion.betas.device
     ts = dpm_solver_timesteps(diffusion.alphas_cumprod, steps)
     ac = diffusion.alphas_cumprod.double().cpu()  # the coefficients as Python floats, read once
-    a, s = ac.sqrt(), (1 - ac).sqrt()  # alpha_t and sigma_t of the paper
+    a = ac.sqrt()  # alpha_t of the paper
+    s = (1 - ac).sqrt()  # sigma_t of the paper
     lam = (a / s).log()  # lambda_t
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-    x_0_prev = h_prev = None
+    x_0_prev = None  # the last step's x_0_pred
+    h_prev = None  # and its h
     for i, t in enumerate(ts):
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)  # (B,)
         x_0_pred = diffusion.predict_x0_from_eps(x, t_batch, model(x, t_batch))  # [Eq. 15]
@@ -731,7 +738,9 @@ class Guided:
         eps = (1 + w) eps(x_t, t, y) - w eps(x_t, t, no label)."""
 
     def __init__(self, model, y, w, num_classes):
-        self.model, self.w, self.training = model, w, model.training
+        self.model = model
+        self.w = w
+        self.training = model.training  # what check_eval reads
         self.y = torch.cat([y, torch.full_like(y, num_classes)])  # (2B,): y, then "no label"
 
     def __call__(self, x_t, t):
@@ -767,32 +776,42 @@ class Progress:
     """A phase's line every 5 s (what, how far, images/s, time left), then its time taken."""
 
     def __init__(self, what, total, images_per_tick=1.0):
-        self.what, self.total, self.per = what, total, images_per_tick
-        self.done, self.printed = 0, False
-        self.start = self.shown = time.time()
+        self.what = what  # the phase, as its lines name it
+        self.total = total  # ticks in all
+        self.images_per_tick = images_per_tick
+        self.done = 0  # ticks so far
+        self.printed = False  # whether the phase has printed a line yet
+        self.start = time.time()
+        self.shown = self.start  # when the last line was printed
 
     def tick(self):
         self.done += 1
-        now, finished = time.time(), self.done == self.total
+        now = time.time()
+        finished = self.done == self.total
         if now - self.shown < 5.0 and not (finished and self.printed):
             return
-        speed = self.done * self.per / max(now - self.start, 1e-9)  # images/s
-        left = now - self.start if finished else (self.total - self.done) * self.per / speed
-        when = f"{'took' if finished else 'ETA'} {left:.0f} s"
+        speed = self.done * self.images_per_tick / max(now - self.start, 1e-9)  # images/s
+        left = (self.total - self.done) * self.images_per_tick / speed
+        when = f"took {now - self.start:.0f} s" if finished else f"ETA {left:.0f} s"
         print(f"{self.what}: {self.done}/{self.total} | {speed:,.1f} images/s | {when}", flush=True)
-        self.shown, self.printed = now, True
+        self.shown = now
+        self.printed = True
 
 
 class Watched:
     """The network as a sampler calls it: ticks progress; keeps x_t at the calls in keep."""
 
     def __init__(self, model, progress, keep=()):
-        self.model, self.progress, self.keep = model, progress, list(keep)
-        self.kept, self.calls = [], 0
+        self.model = model
+        self.progress = progress
+        self.keep = list(keep)  # the calls whose x_t to keep; a call may be listed twice
+        self.kept = []  # x_t at those calls, in order
+        self.calls = 0  # network calls so far
         self.training = model.training  # what check_eval reads
 
     def __call__(self, x_t, t):
-        self.kept += [x_t] * self.keep.count(self.calls)  # a sampler of few steps: repeated
+        for _ in range(self.keep.count(self.calls)):  # a sampler of few steps: x_t repeated
+            self.kept.append(x_t)
         self.calls += 1
         self.progress.tick()
         return self.model(x_t, t)
@@ -807,16 +826,18 @@ def evenly_spaced(n, k=None):
     return torch.linspace(0, n - 1, min(k or n, n)).round().long()
 
 
-def load_dataset(name, data_dir, image_size, max_images=None):
-    """(uint8 images (N, C, S, S), labels, classes) of a torchvision set or a folder."""
+def load_dataset(name, data_dir, image_size, max_images=None, train=True):
+    """(uint8 images (N, C, S, S), labels, classes) of a torchvision set's split, or a folder."""
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
+    split = "training" if train else "test"
     try:
         dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
-        ds = dataset(data_dir, train=True, download=True)
+        ds = dataset(data_dir, train=train, download=True)
     except Exception as e:  # no internet, a proxy, a full disk: all end the same way
         fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
-        raise UserError(f"could not get {name} into --data-dir {data_dir} ({first_line(e)}); {fix}")
+        what = f"{name}'s {split} images into --data-dir {data_dir}"
+        raise UserError(f"could not get {what} ({first_line(e)}); {fix}")
     keep = evenly_spaced(len(ds.data), max_images)
     x = torch.as_tensor(np.asarray(ds.data))[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
     if x.ndim == 4:
@@ -841,26 +862,31 @@ def image_files(root, flag="--data-dir", leave_out=()):
     return files
 
 
+def read_image(path, mode=None):
+    """A (C, h, w) uint8 tensor of an image file, grey or RGB (mode None: as the file is)."""
+    from PIL import Image  # Pillow: installed with torchvision
+
+    try:
+        with Image.open(path) as im:
+            if mode is None and im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                mode = "L"
+            x = torch.from_numpy(np.array(im.convert(mode or "RGB")))  # (h, w) or (h, w, 3)
+    except OSError as e:
+        raise UserError(f"cannot decode image {path}: {e}")
+    return x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # (C, h, w)
+
+
 def load_image_folder(root, size, max_images=None, flag="--data-dir", leave_out=()):
     """(images, labels or None, classes) of image_files(root); a class a subfolder."""
     files = image_files(root, flag, leave_out)
     files = [files[i] for i in evenly_spaced(len(files), max_images)]
-    from PIL import Image  # Pillow: installed with torchvision
-
-    def read(path, mode=None):  # (C, h, w) uint8, grey or RGB (None: as the image is)
-        try:
-            with Image.open(path) as im:
-                grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                x = torch.from_numpy(np.array(im.convert(mode or ("L" if grey else "RGB"))))
-        except OSError as e:
-            raise UserError(f"cannot decode image {path}: {e}")
-        return x.reshape(*x.shape[:2], -1).permute(2, 0, 1)  # (h, w[, 3]) -> (C, h, w)
-
-    first = read(files[0])  # decides the channels (and the size) of all
-    mode, size = "L" if len(first) == 1 else "RGB", size or min(first.shape[1:])
-    progress, images = Progress(f"decoding {root}", len(files)), []
+    first = read_image(files[0])  # decides the channels (and the size) of all
+    mode = "L" if len(first) == 1 else "RGB"
+    size = size or min(first.shape[1:])
+    progress = Progress(f"decoding {root}", len(files))
+    images = []
     with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
-        for x in pool.map(functools.partial(read, mode=mode), files):
+        for x in pool.map(functools.partial(read_image, mode=mode), files):
             images.append(TF.center_crop(TF.resize(x, size, antialias=True), size))  # shorter side
             progress.tick()
     folders = [f.relative_to(root).parts[0] if f.parent != root else None for f in files]
@@ -920,7 +946,7 @@ def compile_model(module, mode, cuda_graphs=False):
     return module if mode is None else torch.compile(module, mode=mode)
 
 
-# --- Checkpoints and records --------------------------------------------------------------------
+# --- Checkpoints, records and the run's lock ---------------------------------------------------
 CKPT_FORMAT = "ddpm.py checkpoint 2"  # 2: the network's levels nested
 
 
@@ -960,57 +986,137 @@ def prepare_out_dir(path):
         raise UserError(f"--out-dir {path} is not writable ({e.strerror or e})")
 
 
+@contextlib.contextmanager
+def locked(out_dir):
+    """Hold an OS lock on out_dir/train.lock while a run writes there: a second process is
+    refused. The OS drops the lock when the process ends, however it ends (SIGKILL too)."""
+    try:
+        import fcntl  # POSIX
+    except ImportError:  # Windows has no fcntl: there a run is not locked
+        yield
+        return
+    with open(out_dir / "train.lock", "a+") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fix = "wait for it to end (or stop it), or use another --out-dir"
+            raise UserError(f"--out-dir {out_dir} is in use by another ddpm.py train; {fix}")
+        yield  # closing the file releases the lock
+
+
 def add_record(path, record):
     """Append a record to the JSON list in path, whole or not at all (a temporary file renamed)."""
     records = json.loads(path.read_text()) if path.is_file() else []
-    path.with_name(path.name + ".tmp").write_text(json.dumps(records + [record], indent=1))
-    os.replace(path.with_name(path.name + ".tmp"), path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(records + [record], indent=1))
+    os.replace(tmp, path)
 
 
-# --- Samplers and pictures ---------------------------------------------------------------------
+def cache_dir():
+    """Where computed FID references are kept: $XDG_CACHE_HOME/ddpm.py, or ~/.cache/ddpm.py."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm.py"
+
+
+# --- How images are drawn: one Draw per command, and the pictures and images it makes ----------
 @dataclasses.dataclass(frozen=True)
-class Sampler:
-    """How images are drawn, said the same way wherever it is printed or recorded."""
+class Draw:
+    """How images are drawn: everything that fixes them but the network and how many. Built once
+    per command by make_draw; str(draw) is how every progress line and record says it."""
 
-    name: str  # ddpm (Alg. 2), ddim or dpm++
+    sampler: str  # ddpm (Alg. 2), ddim or dpm++
     steps: int  # network evaluations per image
     eta: float = 0.0  # DDIM's noise
     variance: str = "fixedlarge"  # ddpm's sigma_t^2
-    guidance: float = None  # classifier-free guidance w; None: an unconditional model
+    guidance: float = 0.0  # classifier-free guidance w (a class-conditional model's)
+    shape: tuple = (3, 32, 32)  # (C, H, W) of an image
+    batch_size: int = 500  # images per sampler batch
+    seed: int = 0  # x_T drawn on the CPU from seed; z from seed ^ Z_STREAM
+    amp: torch.dtype = None  # autocast's dtype; None: float32
+    num_classes: int = 0  # a class-conditional model's classes; 0: unconditional
+    label: object = None  # --class: a class K, "all" (rows of 8 per class), or None (in turn)
 
     def __str__(self):
-        extra = {"ddim": f", eta {self.eta:g}", "ddpm": f", {self.variance}"}.get(self.name, "")
-        if self.guidance is not None:
-            extra += f", guidance w = {self.guidance:g}"
-        return f"{self.name}, {self.steps} steps{extra}"
+        text = f"{self.sampler}, {self.steps} steps"
+        if self.sampler == "ddim":
+            text += f", eta {self.eta:g}"
+        if self.sampler == "ddpm":
+            text += f", {self.variance}"
+        if self.num_classes:
+            text += f", guidance w = {self.guidance:g}, {CLASS_WORDS.get(self.label, 'class')}"
+        if self.num_classes and self.label not in CLASS_WORDS:
+            text += f" {self.label}"
+        return text
 
 
-def choose_sampler(name, steps, eta, variance, guidance, config, device):
-    """The Sampler of the flags; auto: ddpm on a GPU, else DDIM eta 1 at 100 steps."""
+CLASS_WORDS = {None: "each class in turn", "all": "8 of each class"}  # str(Draw) of --class
+Z_STREAM = 0x9E3779B9  # seed ^ Z_STREAM seeds the noise z: never x_T's seed (a non-zero XOR)
+
+
+def make_draw(args, config, device, amp):
+    """The Draw of a command's sampler flags, for a checkpoint's config: the one helper that reads
+    parsed flags, those that train, sample and fid share. auto: ddpm on a GPU, else DDIM, eta 1."""
     T = config["timesteps"]
-    if name == "auto" and device.type == "cuda":
-        name = "ddpm"
-    elif name == "auto":
-        name, eta = "ddim", 1.0
-    if name != "ddpm" and steps is not None and steps > T:
+    num_classes = config.get("num_classes", 0)
+    label = getattr(args, "label", None)  # --class: sample's and fid's
+    if label is not None and not num_classes:
+        raise UserError("--class: the model is not class-conditional (train with --class-cond)")
+    if label not in (None, "all") and label >= num_classes:
+        raise UserError(f"--class {label}: the model knows classes 0 to {num_classes - 1}")
+    sampler = args.sampler
+    eta = args.eta
+    if sampler == "auto":
+        sampler = "ddpm" if device.type == "cuda" else "ddim"
+        eta = 1.0
+    steps = args.sample_steps
+    if sampler != "ddpm" and steps is not None and steps > T:
         raise UserError(f"--sample-steps {steps}: more than the model's T = {T}")
-    if name == "ddpm":
+    if sampler == "ddpm":
         steps = T
     elif steps is None:
-        steps = min(100 if name == "ddim" else 20, T)
-    return Sampler(name, steps, eta, variance, guidance if config.get("num_classes") else None)
+        steps = min(100 if sampler == "ddim" else 20, T)
+    # sample's and fid's --batch-size; train's is its training batch, and --fid-batch-size this
+    batch_size = args.fid_batch_size if args.command == "train" else args.batch_size
+    return Draw(
+        sampler,
+        steps,
+        eta=eta,
+        variance=args.variance,
+        guidance=args.guidance,
+        shape=(config["channels"], config["image_size"], config["image_size"]),
+        batch_size=batch_size,
+        seed=args.seed,
+        amp=amp,
+        num_classes=num_classes,
+        label=label,
+    )
 
 
-def run_sampler(diffusion, model, x_T, sampler, amp, generator, progress, keep=()):
-    """(x_0, x_t at the calls in keep) of a Sampler run from x_T under autocast(amp)."""
-    net, shape, K = Watched(model, progress, keep), x_T.shape, sampler.steps
-    with torch.autocast(x_T.device.type, dtype=amp, enabled=amp is not None):
-        if sampler.name == "ddpm":
-            x_0 = p_sample_loop(diffusion, net, shape, True, sampler.variance, x_T, generator)
-        elif sampler.name == "ddim":
-            x_0 = ddim_sample_loop(diffusion, net, shape, K, sampler.eta, True, x_T, generator)
+def guided(model, draw, first, n, device):
+    """The network as the samplers call it for images first..first+n-1 of a draw: itself, or guided
+    toward their classes: --class K, rows of 8 of each class (all), or each class in turn (None)."""
+    if not draw.num_classes:
+        return model
+    y = torch.arange(first, first + n, device=device) % draw.num_classes  # (n,): each in turn
+    if draw.label == "all":
+        y = torch.arange(first, first + n, device=device) // 8 % draw.num_classes
+    if draw.label not in (None, "all"):
+        y = torch.full((n,), draw.label, device=device)
+    return Guided(model, y, draw.guidance, draw.num_classes)
+
+
+def run_sampler(diffusion, model, x_T, draw, generator, progress, keep=()):
+    """(x_0, x_t at the calls in keep) of a draw's sampler run from x_T under its autocast."""
+    net = Watched(model, progress, keep)
+    shape = x_T.shape
+    with torch.autocast(x_T.device.type, dtype=draw.amp, enabled=draw.amp is not None):
+        if draw.sampler == "ddpm":
+            x_0 = p_sample_loop(diffusion, net, shape, variance=draw.variance, x_T=x_T, generator=generator)
+        elif draw.sampler == "ddim":
+            x_0 = ddim_sample_loop(
+                diffusion, net, shape, draw.steps, eta=draw.eta, x_T=x_T, generator=generator
+            )
         else:
-            x_0 = dpm_solver_sample_loop(diffusion, net, shape, K, x_T=x_T)
+            x_0 = dpm_solver_sample_loop(diffusion, net, shape, draw.steps, x_T=x_T)
     return x_0, net.kept
 
 
@@ -1019,71 +1125,86 @@ def save_grid(x, path, nrow=8):
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
 
 
-Z_STREAM = 0x9E3779B9  # seed ^ Z_STREAM seeds the noise z: never x_T's seed (a non-zero XOR)
-
-
-def draw_pictures(model, diffusion, sampler, x_T, amp, seed, path, rows=()):
-    """A grid of samples from x_T; rows: and the reverse process of those images."""
-    progress = Progress(f"{path.name} ({sampler})", sampler.steps, len(x_T) / sampler.steps)
-    generator = torch.Generator(x_T.device).manual_seed(seed ^ Z_STREAM)
-    keep = [i * sampler.steps // 9 for i in range(9)] if rows else []
-    x_0, kept = run_sampler(diffusion, model, x_T, sampler, amp, generator, progress, keep)
+def draw_pictures(model, diffusion, draw, path, reverse_process=False):
+    """A grid of 64 samples (a conditional draw: 8 of each class, 16 classes at most) at path; with
+    reverse_process, the reverse process of a row of them too, in reverse_process.png."""
+    device = diffusion.betas.device
+    n = 8 * min(draw.num_classes, 16) if draw.num_classes else 64
+    x_T = torch.randn((n, *draw.shape), generator=torch.Generator().manual_seed(draw.seed)).to(device)
+    generator = torch.Generator(device).manual_seed(draw.seed ^ Z_STREAM)
+    progress = Progress(f"{path.name} ({draw})", draw.steps, n / draw.steps)
+    keep = [i * draw.steps // 9 for i in range(9)] if reverse_process else []  # x_t at 9 steps
+    eps_model = guided(model, draw, first=0, n=n, device=device)
+    x_0, kept = run_sampler(
+        diffusion, eps_model, x_T, draw, generator=generator, progress=progress, keep=keep
+    )
     save_grid(x_0, path)
-    if rows:
-        xs = torch.stack([*kept, x_0])[:, list(rows)]  # (10, rows, C, H, W)
+    if reverse_process:
+        rows = list(range(0, n, 8)) if draw.num_classes else list(range(8))  # the first of each class
+        xs = torch.stack([*kept, x_0])[:, rows]  # (10, rows, C, H, W): x_t at 9 steps, then x_0
         save_grid(xs.transpose(0, 1).flatten(0, 1), path.with_name("reverse_process.png"), 10)
 
 
-def generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels=None, classes=0):
-    """n uint8 images in whole batches, x_T drawn on the CPU from seed (the same on any device);
-    labels (n,): the classes to draw from a class-conditional model, guided."""
-    device, batch = diffusion.betas.device, min(batch_size, n)
-    x_T_generator = torch.Generator().manual_seed(seed)
-    z_generator = torch.Generator(device).manual_seed(seed ^ Z_STREAM)
-    batches, K = math.ceil(n / batch), sampler.steps
-    progress = Progress(f"sampling {n} images ({sampler}), network calls", batches * K, batch / K)
+def generate(model, diffusion, draw, n, first=0):
+    """Images first..first+n-1 of a draw as uint8 (n, C, H, W), in whole batches; x_T drawn on the
+    CPU from draw.seed (the same on any device)."""
+    device = diffusion.betas.device
+    batch = min(draw.batch_size, n)
+    batches = math.ceil(n / batch)
+    x_T_generator = torch.Generator().manual_seed(draw.seed)
+    z_generator = torch.Generator(device).manual_seed(draw.seed ^ Z_STREAM)
+    what = f"sampling {n} images ({draw}), network calls"
+    progress = Progress(what, batches * draw.steps, batch / draw.steps)
     images = []
     for start in range(0, batches * batch, batch):
-        x_T = torch.randn((batch, *shape), generator=x_T_generator).to(device)
-        eps_model = model
-        if labels is not None:
-            y = labels[torch.arange(start, start + batch) % n].to(device)  # (batch,)
-            eps_model = Guided(model, y, sampler.guidance, classes)
-        x_0, _ = run_sampler(diffusion, eps_model, x_T, sampler, amp, z_generator, progress)
+        x_T = torch.randn((batch, *draw.shape), generator=x_T_generator).to(device)
+        eps_model = guided(model, draw, first=first + start, n=batch, device=device)
+        x_0, _ = run_sampler(diffusion, eps_model, x_T, draw, generator=z_generator, progress=progress)
         images.append(((x_0.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
     return torch.cat(images)[:n]  # (n, C, H, W), [-1, 1] -> {0..255}
 
 
-# --- FID  [Heusel et al. 2017]: Inception features of samples against the training set's --------
+# --- FID and IS: Inception features of samples, against the training set's (FID) ---------------
+# FID [Heusel et al. 2017] and the Inception Score [Salimans et al. 2016], as papers report them
 FID_NETWORK = "pytorch-fid's InceptionV3 (TF FID weights): pool3, 2048 features; it resizes to 299"
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # where pytorch-fid looks for its weights
 
 
 def inception(device):
-    """pytorch-fid's InceptionV3, as papers use: images in [0, 1] -> 2048 pool3 features."""
-    fid_inception = optional("pytorch_fid.inception", "pytorch-fid", "FID")
+    """pytorch-fid's InceptionV3, as papers use it: (the network, images in [0, 1] -> [2048 pool3
+    features]; its classifier's weight (1008, 2048): logits = pool3 @ weight.T, without the bias
+    that improved-gan's Inception Score leaves out)."""
+    fid_inception = optional("pytorch_fid.inception", "pytorch-fid", "FID and IS")
     try:
         blocks = [fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]  # pool3: 2048 features
-        return fid_inception.InceptionV3(blocks).eval().to(device)
+        network = fid_inception.InceptionV3(blocks).eval().to(device)
+        classifier = fid_inception.fid_inception_v3().fc.weight.detach().double().cpu()
     except OSError as e:  # it downloads its weights on first use
         where = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
         fix = f"put {FID_WEIGHTS} (pytorch-fid's GitHub releases) at {where}"
         raise UserError(f"pytorch-fid could not get its Inception weights ({first_line(e)}); {fix}")
+    return network, classifier
 
 
 @torch.no_grad()
-def feature_statistics(network, images, device, what):
-    """(mu, sigma) in float64 of the features of uint8 images, seen as PNGs are."""
+def image_features(network, images, device, what):
+    """The network's features (N, D) in float64 of uint8 images (N, C, H, W), seen as PNGs are."""
     if len(images) < 2:  # one image has no covariance
         raise UserError(f"FID needs 2 or more images; {what} has {len(images)}")
     size = 250 if device.type == "cuda" else 25  # a CPU takes some 3 s for 25: a line every 5 s
-    progress, features = Progress(f"features of {what}", math.ceil(len(images) / size), size), []
+    progress = Progress(f"features of {what}", math.ceil(len(images) / size), size)
+    features = []
     for batch in images.split(size):
         x = batch.to(device).float().div(255).expand(-1, 3, -1, -1)  # grey: 3 equal channels
-        features.append(network(x)[0].flatten(1).double().cpu())  # (B, 2048)
+        features.append(network(x)[0].flatten(1).double().cpu())  # (B, D)
         progress.tick()
-    f = torch.cat(features)  # (N, D)
-    return f.mean(0), f.T.cov()  # cov: unbiased, as numpy's
+    return torch.cat(features)  # (N, D)
+
+
+def feature_statistics(network, images, device, what):
+    """(mu, sigma) in float64 of the network's features of uint8 images."""
+    features = image_features(network, images, device, what)  # (N, D)
+    return features.mean(0), features.T.cov()  # cov: unbiased, as numpy's
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -1092,9 +1213,36 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root)
 
 
+def inception_score(logits, splits=10):
+    """The Inception Score of logits (N, K) as improved-gan computes it: p(y|x) = softmax in
+    float64, the images in `splits` contiguous parts (fewer for fewer than 10 images), each part
+    exp(mean over x of KL(p(y|x) || p(y))), p(y) its mean; (mean, std with ddof 0) over parts."""
+    p = logits.double().softmax(dim=1)  # (N, K): p(y | x)
+    N = len(p)
+    splits = min(splits, N)
+    scores = []
+    for i in range(splits):
+        part = p[i * N // splits : (i + 1) * N // splits]  # (n, K), improved-gan's boundaries
+        p_y = part.mean(0, keepdim=True)  # (1, K): p(y) over the part
+        kl = (part * (part.log() - p_y.log())).sum(1)  # (n,): KL(p(y|x) || p(y))
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def fid_and_is(scoring, images, device, what):
+    """The FID of uint8 images against scoring's reference (mu, sigma), and their IS, from one pass
+    of scoring's network: {"fid", "inception_score", "inception_score_std"}."""
+    features = image_features(scoring["network"], images, device, what)  # (N, D)
+    fid = frechet_distance(features.mean(0), features.T.cov(), *scoring["reference"])
+    logits = features @ scoring["classifier"].T  # (N, 1008): the classifier without its bias
+    score, spread = inception_score(logits)
+    return dict(fid=fid, inception_score=score, inception_score_std=spread)
+
+
 def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
-    """(mu, sigma, where from) of --ref-stats, or of the data (cached per files)."""
-    path = Path(ref_stats or Path(data_dir) / f"fid_stats_{dataset}_{size}px.npz")
+    """(mu, sigma, where from) of --ref-stats, or of the training data (cached per files)."""
+    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    path = Path(ref_stats or cache_dir() / f"fid_stats_{dataset}_{size}px_{digest}.npz")
     key = dataset  # what the cache holds the statistics of: a torchvision set, or these files
     if dataset == "folder" and not ref_stats:
         stats = [p.stat() for p in image_files(Path(data_dir))]
@@ -1103,7 +1251,9 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
     if ref_stats or path.is_file():
         try:
             with np.load(path) as f:
-                mu, sigma, cached = f["mu"], f["sigma"], str(f.get("files", ""))
+                mu = f["mu"]
+                sigma = f["sigma"]
+                cached = str(f.get("files", ""))
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"--ref-stats {path}: not an npz of mu and sigma ({first_line(e)})")
         with torch.no_grad():  # the network's features: as many as the reference's, and finite
@@ -1116,8 +1266,10 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
             return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), where
     images = load_dataset(dataset, data_dir, size)[0]
     mu, sigma = feature_statistics(network, images, device, f"the {dataset} training set")
-    where, tmp = f"{len(images):,} {dataset} training images", path.with_suffix(".tmp.npz")
-    try:  # whole or not at all; a read-only data_dir: not cached
+    where = f"{len(images):,} {dataset} training images"
+    tmp = path.with_suffix(".tmp.npz")
+    try:  # whole or not at all; a cache that cannot be written: not cached
+        path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), files=key)
         os.replace(tmp, path)
         where += f", cached in {path}"
@@ -1126,21 +1278,29 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
     return mu, sigma, where
 
 
-def sample_fid(network, reference, model, diffusion, how, rank=0, world=1):
-    """The FID of generate(model, *how): a share per process, measured on rank 0."""
-    sampler, n, shape, batch_size, seed, amp, labels, classes = how
-    share = torch.arange(n).tensor_split(world)[rank]  # the images this process draws
-    labels = None if labels is None else labels[share]
-    what = (len(share), shape, batch_size, seed + rank, amp, labels, classes)
-    images = generate(model, diffusion, sampler, *what)  # (len(share), C, H, W)
-    if world > 1:  # the shares to rank 0: no process waits in a collective for long
-        shares = [None] * world
+def sample_fid(scoring, model, diffusion, draw, n, procs):
+    """fid_and_is of n images of a draw: a share drawn by each process, scored on rank 0."""
+    rank = procs["rank"]
+    share = torch.arange(n).tensor_split(procs["world"])[rank]  # the images this process draws
+    own = dataclasses.replace(draw, seed=draw.seed + rank)  # each process its own x_T
+    images = generate(model, diffusion, own, len(share), first=int(share[0]))  # (len(share), C, H, W)
+    if procs["world"] > 1:  # the shares to rank 0: no process waits in a collective for long
+        shares = [None] * procs["world"]
         dist.all_gather_object(shares, images)
         images = torch.cat(shares)  # (n, C, H, W)
     if rank > 0:
         return None
-    stats = feature_statistics(network, images, diffusion.betas.device, f"{n:,} samples")
-    return frechet_distance(*stats, *reference)
+    return fid_and_is(scoring, images, diffusion.betas.device, f"{n:,} samples")
+
+
+def fid_scoring(dataset, data_dir, ref_stats, size, device):
+    """What FID and IS are measured with: {"network", "classifier", "reference" (mu, sigma),
+    "where" (the reference's origin)}; the network and the reference first, their errors too."""
+    network, classifier = inception(device)  # first: a missing package or file stops here
+    mu, sigma, where = reference_statistics(
+        dataset, data_dir, ref_stats=ref_stats, size=size, network=network, device=device
+    )
+    return dict(network=network, classifier=classifier, reference=(mu, sigma), where=where)
 
 
 # --- train: Part III's iteration with checkpoints, resume, logs, signals, NaN guards and DDP ---
@@ -1148,11 +1308,12 @@ def open_run(path, resume, typed):
     """(checkpoint or None, config): on --resume the checkpoint's, typed flags agreeing."""
     if not resume and path.exists():
         raise UserError(f"{path} exists: add --resume to continue it, or another --out-dir")
-    ckpt, config = load_checkpoint(path) if resume else None, {}
+    ckpt = load_checkpoint(path) if resume else None
     if ckpt:  # the schedule of an earlier version is refused before any work
         build_diffusion(ckpt["config"], "cpu")
+    config = {}
     for key, default in PAPER.items():
-        config[key] = default if ckpt is None else ckpt["config"].get(key, default)
+        config[key] = ckpt["config"].get(key, default) if ckpt else default
         if ckpt and typed[key] not in (None, config[key]) and key != "data_dir":
             flag = f"--{key.replace('_', '-')} {typed[key]}"
             fix = "drop it, or start a new run in another --out-dir"
@@ -1174,8 +1335,7 @@ def build_training(config, device, amp, compile_mode, world=1, **recipe):
 
 def training_data(config, cond_drop, device):
     """(images, labels or None, classes) of a run's dataset, on the device."""
-    where = (config["dataset"], config["data_dir"], config["image_size"])
-    data, labels, classes = load_dataset(*where)
+    data, labels, classes = load_dataset(config["dataset"], config["data_dir"], config["image_size"])
     if not config["class_cond"]:
         return data.to(device), None, 0
     if classes < 2:
@@ -1185,13 +1345,16 @@ def training_data(config, cond_drop, device):
     return data.to(device), labels.to(device), classes
 
 
-LOG = ["step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s"]  # log.csv
-FID_LOG = ["step", "images_seen", "fid", "samples", "sampler", "seconds"]  # fid.csv
+# The columns of log.csv and fid.csv, each with how its values are written
+LOG = {"step": "{}", "epoch": "{}", "loss": "{:.6f}", "lr": "{:.3e}", "grad_norm": "{:.4f}"}
+LOG.update(images_per_s="{:.1f}", elapsed_s="{:.1f}")
+FID_LOG = {"step": "{}", "images_seen": "{}", "fid": "{:.4f}", "inception_score": "{:.4f}"}
+FID_LOG.update(inception_score_std="{:.4f}", samples="{}", sampler="{}", seconds="{:.1f}")
 
 
 def open_csv(path, columns, step, resumed):
     """A CSV file opened to write: its columns and, when resumed, its old rows up to step."""
-    rows = [columns]
+    rows = [list(columns)]
     if resumed and path.exists():
         with open(path, newline="") as f:
             rows += [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= step]
@@ -1200,10 +1363,16 @@ def open_csv(path, columns, step, resumed):
     return file
 
 
+def write_row(file, columns, row):
+    """A row (a dict by column) of a CSV file of those columns."""
+    csv.writer(file).writerow([form.format(row[key]) for key, form in columns.items()])
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """Ctrl-C and SIGTERM only note themselves in the list it yields; an ignored SIGINT stays so."""
-    requested, previous = [], {}
+    requested = []  # the signals received
+    previous = {}  # the handlers to put back
 
     def note(signum, frame):
         requested.append(signum)
@@ -1219,112 +1388,142 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def agree(numbers, world, device):
-    """Each number as its maximum over the processes, so that all take the same decisions."""
-    if world == 1:
+ONE_PROCESS = dict(rank=0, world=1, device=torch.device("cpu"))  # a command's that runs alone
+
+
+def agree(numbers, procs):
+    """Each number as its maximum over the processes, so that all take the same decisions. procs:
+    the processes of a run, {"rank" (this one's), "world" (how many), "device" (this one's)}."""
+    if procs["world"] == 1:
         return numbers
-    numbers = torch.tensor(numbers, device=device)
+    numbers = torch.tensor(numbers, device=procs["device"])
     dist.all_reduce(numbers, dist.ReduceOp.MAX)
     return numbers.tolist()
 
 
-def parts(training):
+def saved_parts(training):
     """What a checkpoint saves the state of, by its key there."""
-    t = training
-    return dict(model=t.net, ema=t.ema, optimizer=t.optimizer, scheduler=t.scheduler)
+    return dict(
+        model=training.net, ema=training.ema, optimizer=training.optimizer, scheduler=training.scheduler
+    )
 
 
-def restore(training, ckpt, seed, rank, world, device):
+def restore(training, ckpt, seed, procs):
     """(step, elapsed s): a resumed run's states, or (0, 0.0); each process seeded apart."""
+    rank = procs["rank"]
+    world = procs["world"]
     torch.manual_seed(seed + rank)  # a different t, eps, flip and dropout per process
     if ckpt is None:
         return 0, 0.0
-    for key, part in parts(training).items():
+    for key, part in saved_parts(training).items():
         part.load_state_dict(ckpt[key])
     torch.manual_seed(seed + rank + world * ckpt["step"])
     if world == 1:
         torch.set_rng_state(ckpt["rng"]["torch"][0])
-        if device.type == "cuda" and ckpt["rng"]["cuda"][0] is not None:
+        if procs["device"].type == "cuda" and ckpt["rng"]["cuda"][0] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0])
     return ckpt["step"], ckpt["elapsed"]
 
 
-def checkpoint(path, training, state, saved_step, world, rank, device):
+def checkpoint(path, training, state, saved_step, procs):
     """Save on rank 0 if every process's weights are finite; all stop if it cannot."""
     finite = all(p.isfinite().all() for p in training.net.parameters())
-    if agree([int(not finite)], world, device)[0]:
+    if agree([int(not finite)], procs)[0]:
         what = f"the loss went NaN or infinite after step {saved_step}, and the weights with it"
         raise UserError(f"{what}; {path} holds step {saved_step} (try --amp none or a lower --lr)")
-    cuda = device.type == "cuda"
-    rng = dict(torch=[torch.get_rng_state()], cuda=[torch.cuda.get_rng_state() if cuda else None])
+    cuda_rng = torch.cuda.get_rng_state() if procs["device"].type == "cuda" else None
+    rng = dict(torch=[torch.get_rng_state()], cuda=[cuda_rng])
     state = dict(state, format=CKPT_FORMAT, rng=rng)
-    state.update({key: part.state_dict() for key, part in parts(training).items()})
+    state.update({key: part.state_dict() for key, part in saved_parts(training).items()})
     error = ""  # rank 0's, which every process stops with
     try:
-        if rank == 0:
+        if procs["rank"] == 0:
             save_checkpoint(path, state)
     except UserError as e:  # a full disk
         error = str(e)
-    if agree([int(bool(error))], world, device)[0]:
+    if agree([int(bool(error))], procs)[0]:
         raise UserError(error or "rank 0 could not write the checkpoint")
 
 
-def log_line(file, wandb, row, total_steps, batch):
-    """A log.csv row, its console line with the time left, and W&B's points."""
-    step, epoch, loss, lr, grad_norm, speed, elapsed = row
-    row = [step, epoch, f"{loss:.6f}", f"{lr:.3e}", f"{grad_norm:.4f}", f"{speed:.1f}"]
-    csv.writer(file).writerow(row + [f"{elapsed:.1f}"])
-    eta = (total_steps - step) * batch / max(speed, 1e-9) / 60
-    line = f"step {step}/{total_steps} | epoch {epoch} | loss {loss:.4f} | {speed:,.0f} img/s"
-    print(f"{line} | lr {lr:.3e} | ETA {eta:.1f} min", flush=True)
+def what_is_due(step, every, signals, loss_sum, saved_at, procs):
+    """What is due after training step `step` (from 1), decided alike by every process: a dict of
+    epoch, log (a log.csv row), save (ckpt.pt), stop (a signal came: save and end), grid and fid.
+    every: total_steps, steps_per_epoch, log, ckpt_minutes, grid and fid (epochs; 0: never)."""
+    last = step == every["total_steps"]
+    log = step % every["log"] == 0 or last
+    save = last
+    stop = False
+    if procs["world"] == 1 or log or step % 10 == 0:  # several processes agree every 10 steps
+        late = 0 < every["ckpt_minutes"] <= (time.time() - saved_at) / 60
+        bad = log and not loss_sum.isfinite()  # reads the GPU, as log rows do
+        votes = agree([len(signals), int(late), int(bad)], procs)
+        stop = votes[0] > 0
+        save = last or max(votes) > 0
+    epoch, into_epoch = divmod(step, every["steps_per_epoch"])
+    epoch_end = into_epoch == 0 and not stop
+    grid = epoch_end and every["grid"] > 0 and epoch % every["grid"] == 0
+    fid = epoch_end and every["fid"] > 0 and epoch % every["fid"] == 0
+    return dict(epoch=epoch, log=log, save=save, stop=stop, grid=grid, fid=fid)
+
+
+def log_line(file, wandb, row, total_steps, batch_size):
+    """A log.csv row (a dict by column), its console line with the time left, and W&B's points."""
+    write_row(file, LOG, row)
+    minutes_left = (total_steps - row["step"]) * batch_size / max(row["images_per_s"], 1e-9) / 60
+    line = f"step {row['step']}/{total_steps} | epoch {row['epoch']} | loss {row['loss']:.4f}"
+    line += f" | {row['images_per_s']:,.0f} img/s | lr {row['lr']:.3e} | ETA {minutes_left:.1f} min"
+    print(line, flush=True)
     if wandb:
-        wandb.log(dict(loss=loss, lr=lr, grad_norm=grad_norm, images_per_s=speed), step=step)
+        points = {key: row[key] for key in ("loss", "lr", "grad_norm", "images_per_s")}
+        wandb.log(points, step=row["step"])
 
 
 def log_fid(file, wandb, row):
-    """A fid.csv row (step, images seen, FID, samples, sampler, seconds), a line and W&B's point."""
-    step, seen, fid, n, sampler, seconds = row
-    csv.writer(file).writerow([step, seen, f"{fid:.4f}", n, sampler, f"{seconds:.1f}"])
-    print(f"FID {fid:.2f} at step {step} ({seen:,} images seen; {seconds:.0f} s)", flush=True)
+    """A fid.csv row (a dict by column), its console line and W&B's points."""
+    write_row(file, FID_LOG, row)
+    score = f"IS {row['inception_score']:.2f} ± {row['inception_score_std']:.2f}"
+    seen = f"{row['images_seen']:,} images seen; {row['seconds']:.0f} s"
+    print(f"FID {row['fid']:.2f}, {score} at step {row['step']} ({seen})", flush=True)
     if wandb:
-        wandb.log({"fid": fid}, step=step)
+        wandb.log({"fid": row["fid"], "inception_score": row["inception_score"]}, step=row["step"])
 
 
-def print_start(config, parameters, shape, device, amp, steps):
+def run_draws(draw, auto, T):
+    """A run's draws from its flags' draw: {"grid" (a conditional model's: a row of 8 per class),
+    "fid" (each class in turn; auto: DDIM, eta 1, 100 steps, which tracked the 1000-step
+    sampler's FID best)}."""
+    grid = dataclasses.replace(draw, label="all") if draw.num_classes else draw
+    fid = dataclasses.replace(draw, sampler="ddim", steps=min(100, T), eta=1.0) if auto else draw
+    return dict(grid=grid, fid=fid)
+
+
+def print_start(config, parameters, where, steps):
     """The run's first line; on a CPU, with a network that takes days there, a note."""
-    what = f"{config['model']} ({parameters:,} parameters) on {config['dataset']}"
-    print(f"training {what} {'x'.join(map(str, shape))}, {device}, amp {amp}; step {steps}")
-    if device.type == "cpu" and parameters > 10_000_000:  # a CPU trains it at a few images/s
+    size = f"{config['channels']}x{config['image_size']}x{config['image_size']}"
+    what = f"{config['model']} ({parameters:,} parameters) on {config['dataset']} {size}"
+    print(f"training {what}, {where}; step {steps}")
+    if where.startswith("cpu") and parameters > 10_000_000:  # a CPU trains it at a few images/s
         print(f"note: {parameters:,} parameters is a GPU recipe; on a CPU try README's quick start")
-
-
-def grid_of(ema, classes, guidance, shape, seed, device):
-    """(model, x_T, rows) of a run's grids: 64 images, or 8 per class (16 at most)."""
-    n = 8 * min(classes, 16) if classes else 64
-    x_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    if not classes:
-        return ema, x_T, range(8)
-    y = torch.arange(n, device=device) // 8  # (8 K,)
-    return Guided(ema, y, guidance, classes), x_T, range(0, n, 8)
 
 
 def train(args):
     """train: Algorithm 1 into --out-dir; under torchrun, in every process, rank 0 writing."""
     # --- Set up: the processes, the device, the run's configuration, folder and data
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     device, amp = setup_device(args.device, args.amp)
-    out_dir, B = Path(args.out_dir or f"runs/{args.model or PAPER['model']}"), args.batch_size
-    ckpt_path = out_dir / "ckpt.pt"
-    ckpt, config = open_run(ckpt_path, args.resume, {key: getattr(args, key) for key in PAPER})
+    procs = dict(rank=rank, world=world, device=device)  # the processes, as the helpers take them
+    B = args.batch_size
     if B % world:
         raise UserError(f"--batch-size {B} must divide among the {world} processes")
+    out_dir = Path(args.out_dir or f"runs/{args.model or PAPER['model']}")
+    ckpt_path = out_dir / "ckpt.pt"
+    ckpt, config = open_run(ckpt_path, args.resume, {key: getattr(args, key) for key in PAPER})
     wandb = None
     if args.wandb and rank == 0:
         wandb = optional("wandb", "wandb", "--wandb")
     if rank == 0:
         prepare_out_dir(out_dir)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # the images, and their classes for a class-conditional run (guidance: not in the paper)
     data, labels, classes = training_data(config, args.cond_drop, device)
     N, C, H, W = data.shape
@@ -1334,105 +1533,103 @@ def train(args):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     flip = config["dataset"] in ("cifar10", "folder") and not config["no_flip"]  # natural images
 
-    # --- The network, Part III's Training of it, the samplers of the pictures and of FID
+    # --- The network, Part III's Training of it, and how its pictures and FID samples are drawn
     config = dict(vars(args), **config, channels=C, num_classes=classes)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(args.seed)  # the same initial weights on every process
     recipe = {key: getattr(args, key) for key in ("lr", "warmup", "grad_clip", "ema_decay")}
-    training, diffusion, model = build_training(config, device, amp, args.compile, world, **recipe)
-    how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
-    sampler = fid_sampler = choose_sampler(args.sampler, *how)
-    if args.sampler == "auto":  # DDIM, eta 1, 100 steps tracked the 1000-step sampler's FID best
-        fid_sampler = choose_sampler("ddim", min(100, config["timesteps"]), 1.0, *how[2:])
-    every_class = ", each class in turn" if classes else ""  # what a conditional model's FID draws
-    config.update(sampler=str(sampler), fid_sampler=f"{fid_sampler}{every_class}")
-    grid_model, x_T, rows = grid_of(
-        training.ema, classes, args.guidance, (C, H, W), args.seed, device
+    training, diffusion, model = build_training(config, device, amp, args.compile, world=world, **recipe)
+    draws = run_draws(
+        make_draw(args, config, device, amp), auto=args.sampler == "auto", T=config["timesteps"]
     )
-    network = reference = None  # rank 0's: the network and the reference first, their errors too
+    config.update(sampler=str(draws["grid"]), fid_sampler=str(draws["fid"]))
+    scoring = None  # rank 0's: the network and the reference first, their errors too
     if args.fid_every and rank == 0:
-        network = inception(device)
-        where = (config["dataset"], config["data_dir"], args.ref_stats, H, network, device)
-        reference = reference_statistics(*where)[:2]
-    fid_how = (fid_sampler, args.fid_samples, (C, H, W), args.fid_batch_size, args.seed, amp)
-    fid_how += (class_labels(None, classes, args.fid_samples), classes)  # each class in turn
+        scoring = fid_scoring(config["dataset"], config["data_dir"], args.ref_stats, size=H, device=device)
+    every = dict(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log=args.log_every)
+    every.update(ckpt_minutes=args.ckpt_minutes, grid=args.sample_every, fid=args.fid_every)
+    step, elapsed = restore(training, ckpt, args.seed, procs)
 
-    # --- Restore a resumed run; open the files, with their rows up to its step (rank 0)
-    step, elapsed = restore(training, ckpt, args.seed, rank, world, device)
-    files = contextlib.ExitStack()  # closed, and the processes parted, however the loop ends
-    if world > 1:
-        files.callback(dist.destroy_process_group)
-    if rank == 0:
-        log = files.enter_context(open_csv(out_dir / "log.csv", LOG, step, bool(ckpt)))
-        if args.fid_every:
-            fid_log = files.enter_context(open_csv(out_dir / "fid.csv", FID_LOG, step, bool(ckpt)))
-        if wandb:  # a resumed run continues its page
-            wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
-        n, steps = count_parameters(training.net), f"{step}/{total_steps}"
-        print_start(config, n, data.shape, device, amp, steps)
-
-    # --- The loop: Part III's iteration, then the periodic work (kept out of images/s)
-    loss_sum = torch.zeros((), device=device)  # summed between log rows, read there only
-    logged_step, saved_step, stopped, away = step, step, False, 0.0
-    logged_at = saved_at = started = time.time()
-    with files, stop_on_signals() as signals:
-        while step < total_steps and not stopped:
+    # --- The loop: Part III's iteration, then what is due (kept out of images/s)
+    loss_sum = torch.zeros((), device=device)  # the losses since the last log row
+    logged_step = step  # the step of the last log row
+    logged_at = time.time()  # when it was written
+    saved_step = step  # the step that ckpt.pt holds
+    saved_at = logged_at  # when it was written
+    started = logged_at  # when this process started training
+    away = 0.0  # the seconds since the last log row spent on checkpoints, grids and FID
+    due = dict(stop=False)  # what is due after the step, decided by what_is_due
+    with contextlib.ExitStack() as held, stop_on_signals() as signals:  # released however it ends
+        if world > 1:
+            held.callback(dist.destroy_process_group)
+        if rank == 0:  # one process writes a run at a time; log.csv's rows up to the step kept
+            held.enter_context(locked(out_dir))
+            log = held.enter_context(open_csv(out_dir / "log.csv", LOG, step, bool(ckpt)))
+            if args.fid_every:
+                fid_log = held.enter_context(open_csv(out_dir / "fid.csv", FID_LOG, step, bool(ckpt)))
+            if wandb:  # a resumed run continues its page
+                wandb.init(project="ddpm.py", config=config, dir=str(out_dir), resume="allow")
+            where = f"{device}, amp {amp}"
+            print_start(config, count_parameters(training.net), where, f"{step}/{total_steps}")
+        while step < total_steps and not due["stop"]:
             idx = batch_indices(N, B, step, args.seed).tensor_split(world)[rank]  # its share
             x_0 = get_batch(data, idx, flip)  # Alg. 1, line 2
             step_model = model
             if labels is not None:  # the batch's classes, some dropped to "no label"
                 y = drop_labels(labels[idx.to(device)], classes, args.cond_drop)
                 step_model = functools.partial(model, y=y)
-            loss, grad_norm = train_iteration(training, diffusion, x_0, step, step_model)
+            loss, grad_norm = train_iteration(training, diffusion, x_0, step, model=step_model)
             step += 1
             loss_sum += loss
 
-            epoch, into_epoch = divmod(step, steps_per_epoch)  # then what is due, alike everywhere
-            log_row, save = step % args.log_every == 0 or step == total_steps, step == total_steps
-            if world == 1 or log_row or step % 10 == 0:  # several processes agree every 10 steps
-                late = 0 < args.ckpt_minutes <= (time.time() - saved_at) / 60
-                bad = log_row and not loss_sum.isfinite()  # reads the GPU, as log rows do
-                stop, late, bad = agree([len(signals), int(late), int(bad)], world, device)
-                stopped, save = stop > 0, save or late > 0 or bad > 0 or stop > 0
-            epoch_end = into_epoch == 0 and not stopped
+            due = what_is_due(step, every, signals, loss_sum, saved_at=saved_at, procs=procs)
             now = time.time()
             # a log row first, then the save: a kill between the two loses no row
-            if rank == 0 and (log_row or save or now - logged_at >= 10):
-                speed = (step - logged_step) * B / max(now - logged_at - away, 1e-9)
-                loss, lr = loss_sum.item() / (step - logged_step), training.scheduler.get_last_lr()
-                row = (step, epoch, loss, lr[0], float(grad_norm), speed, elapsed + now - started)
-                log_line(log, wandb, row, total_steps, B)
+            if rank == 0 and (due["log"] or due["save"] or now - logged_at >= 10):
+                row = dict(step=step, epoch=due["epoch"], loss=loss_sum.item() / (step - logged_step))
+                row.update(lr=training.scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+                row.update(images_per_s=(step - logged_step) * B / max(now - logged_at - away, 1e-9))
+                row.update(elapsed_s=elapsed + now - started)
+                log_line(log, wandb, row, total_steps, batch_size=B)
                 loss_sum.zero_()
-                logged_step, logged_at, away = step, now, 0.0
-            if save:
+                logged_step = step
+                logged_at = now
+                away = 0.0
+            if due["save"]:
                 state = dict(config=config, step=step, elapsed=elapsed + now - started)
-                checkpoint(ckpt_path, training, state, saved_step, world, rank, device)
-                saved_step, saved_at = step, time.time()
-            if rank == 0 and epoch_end and args.sample_every and epoch % args.sample_every == 0:
+                checkpoint(ckpt_path, training, state, saved_step=saved_step, procs=procs)
+                saved_step = step
+                saved_at = time.time()
+            if due["grid"] and rank == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
-                path = out_dir / "grids" / f"epoch_{epoch:04d}.png"
-                draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path)
-            if epoch_end and args.fid_every and epoch % args.fid_every == 0:  # a share each
-                fid = sample_fid(network, reference, training.ema, diffusion, fid_how, rank, world)
+                path = out_dir / "grids" / f"epoch_{due['epoch']:04d}.png"
+                draw_pictures(training.ema, diffusion, draws["grid"], path)
+            if due["fid"]:  # a share of the samples each
+                scores = sample_fid(
+                    scoring, training.ema, diffusion, draws["fid"], n=args.fid_samples, procs=procs
+                )
                 if rank == 0:
-                    row = [step, step * B, fid, args.fid_samples, config["fid_sampler"]]
-                    log_fid(fid_log, wandb, row + [time.time() - now])
+                    row = dict(step=step, images_seen=step * B, **scores, samples=args.fid_samples)
+                    row.update(sampler=config["fid_sampler"], seconds=time.time() - now)
+                    log_fid(fid_log, wandb, row)
             away += time.time() - now  # checkpoints, grids and FID
 
     # --- Finish: a stopped run says how to go on; a finished one draws its final pictures
     path = out_dir / "samples.png"
-    if rank == 0 and stopped:
+    if rank == 0 and due["stop"]:
         print(f"\nstopped at step {step}: saved {ckpt_path}; go on with --resume", file=sys.stderr)
     elif rank == 0:
-        draw_pictures(grid_model, diffusion, sampler, x_T, amp, args.seed, path, rows)
+        draw_pictures(training.ema, diffusion, draws["grid"], path, reverse_process=True)
         minutes = (elapsed + time.time() - started) / 60
         print(f"done: {step} steps in {minutes:.1f} min; {ckpt_path}, {path}")
         if wandb:
             wandb.log({"samples": wandb.Image(str(path))}, step=step)
             wandb.finish()
-    return 130 if stopped else 0
+    return 130 if due["stop"] else 0
 
 
-# --- sample, fid, forward, bench, compare: the other commands -----------------------------------
+# --- sample, fid, nll, forward, compare: the other commands -------------------------------------
 def load_sampler(path, device, compile_mode=None):
     """(model, diffusion, config) of a checkpoint: its EMA weights, in eval() mode."""
     ckpt = load_checkpoint(path)
@@ -1445,36 +1642,15 @@ def load_sampler(path, device, compile_mode=None):
     return compile_model(model.eval(), compile_mode), build_diffusion(config, device), config
 
 
-def class_labels(label, classes, n):
-    """The classes of n images for --class K, all (8 of each) or None (each in turn)."""
-    if label is not None and not classes:
-        raise UserError("--class: the model is not class-conditional (train with --class-cond)")
-    if label not in (None, "all") and label >= classes:
-        raise UserError(f"--class {label}: the model knows classes 0 to {classes - 1}")
-    if not classes:
-        return None
-    if label == "all":
-        return torch.arange(n) // 8 % classes
-    return torch.arange(n) % classes if label is None else torch.full((n,), label)
-
-
-def sample_images(model, diffusion, config, sampler, n, label, batch_size, seed, amp):
-    """n uint8 images from a checkpoint's model, of the classes --class asks for."""
-    classes, S = config.get("num_classes", 0), config["image_size"]
-    labels = class_labels(label, classes, n)
-    shape = (config["channels"], S, S)
-    return generate(model, diffusion, sampler, n, shape, batch_size, seed, amp, labels, classes)
-
-
 def write_samples(args):
     """sample: images from a checkpoint as PNG files, a grid.png and sample.json."""
     device, amp = setup_device(args.device, args.amp)
     model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
-    how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
-    sampler, classes = choose_sampler(args.sampler, *how), config.get("num_classes", 0)
-    n, shown = args.num_samples, 64  # the grid: the first 64
+    draw = make_draw(args, config, device, amp)
+    n = args.num_samples
+    shown = 64  # the grid: the first 64 images
     if args.label == "all":  # a row of 8 for each class, 16 classes at most in the grid
-        shown = 8 * min(classes, 16)
+        shown = 8 * min(draw.num_classes, 16)
         n = max(n, shown)
     out_dir = Path(args.out_dir or Path(args.ckpt).parent / "samples")
     folder = out_dir / "images"
@@ -1483,8 +1659,7 @@ def write_samples(args):
         what = f"{len(stale)} PNG file(s) that this run would not replace, e.g. {stale[0].name}"
         raise UserError(f"{folder} holds {what} (FID reads them too); use another --out-dir")
     prepare_out_dir(folder)
-    how = (args.label, args.batch_size, args.seed, amp)
-    images = sample_images(model, diffusion, config, sampler, n, *how)  # (n, C, H, W) uint8
+    images = generate(model, diffusion, draw, n)  # (n, C, H, W) uint8
     save_grid(images[:shown].float() / 127.5 - 1, out_dir / "grid.png")
     from PIL import Image  # Pillow: installed with torchvision
 
@@ -1492,43 +1667,51 @@ def write_samples(args):
     for k, image in enumerate(images):  # one PNG file per image: what FID programs read
         Image.fromarray(image.permute(1, 2, 0).squeeze(2).numpy()).save(folder / f"{k:06d}.png")
         progress.tick()
-    record = dict(images=n, checkpoint=str(args.ckpt), step=config["step"], sampler=str(sampler))
-    add_record(out_dir / "sample.json", dict(record, seed=args.seed, label=args.label))
-    print(f"wrote {n} images ({sampler}) to {folder}, a grid.png and sample.json beside it")
+    record = dict(images=n, checkpoint=str(args.ckpt), step=config["step"], sampler=str(draw))
+    record.update(seed=args.seed, label=args.label)
+    add_record(out_dir / "sample.json", record)
+    print(f"wrote {n} images ({draw}) to {folder}, a grid.png and sample.json beside it")
 
 
 def measure_fid(args):
-    """fid: the FID of a checkpoint's samples or of --images, added to fid.json."""
+    """fid: the FID and IS of a checkpoint's samples or of --images, added to fid.json."""
     if bool(args.ckpt) == bool(args.images):
         raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR")
     device, amp = setup_device(args.device, args.amp)
-    config, images = {}, None
+    config = {}
     if args.ckpt:
         model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
-        how = (args.sample_steps, args.eta, args.variance, args.guidance, config, device)
-        sampler = choose_sampler(args.sampler, *how)
+        draw = make_draw(args, config, device, amp)
     else:  # the images sample writes, and not the grid of them it writes beside them
-        grid = ["grid.png"]
-        images = load_image_folder(Path(args.images), None, flag="--images", leave_out=grid)[0]
-    dataset = args.dataset or config.get("dataset", "cifar10")  # the run's training set
-    data_dir = args.data_dir or config.get("data_dir", "data")
-    size = config.get("image_size") or images.shape[-1]
-    network = inception(device)  # before the long work: a missing package or file stops here
-    where = (dataset, data_dir, args.ref_stats, size, network, device)
-    mu, sigma, reference = reference_statistics(*where)
-    t0, record = time.time(), dict(images=args.images)
+        folder = Path(args.images)
+        images = load_image_folder(folder, size=None, flag="--images", leave_out=["grid.png"])[0]
+        config = dict(image_size=images.shape[-1])
+    scoring = fid_scoring(
+        dataset=args.dataset or config.get("dataset", "cifar10"),  # the run's training set
+        data_dir=args.data_dir or config.get("data_dir", "data"),
+        ref_stats=args.ref_stats,
+        size=config["image_size"],
+        device=device,
+    )
+    started = time.time()
     if args.ckpt:
-        how = (args.label, args.batch_size, args.seed, amp)
-        images = sample_images(model, diffusion, config, sampler, args.num_samples, *how)
-        images_from = f"the EMA weights of {args.ckpt}"
-        record = dict(images=images_from, sampler=str(sampler), seed=args.seed, label=args.label)
-        record.update(step=config["step"], images_seen=config["step"] * config["batch_size"])
-    what = f"{len(images):,} images" if args.ckpt else f"--images {args.images}"
-    stats = feature_statistics(network, images, device, what)
-    fid = round(frechet_distance(*stats, mu, sigma), 4)
-    record = dict(fid=fid, samples=len(images), **record, reference=reference)
-    record.update(network=FID_NETWORK, seconds=round(time.time() - t0, 1))  # after the reference
-    print(f"FID {fid:.2f}", *[f"  {k:<11} {v}" for k, v in list(record.items())[1:]], sep="\n")
+        images = generate(model, diffusion, draw, args.num_samples)
+        record = dict(images=f"the EMA weights of {args.ckpt}", sampler=str(draw), seed=args.seed)
+        record.update(label=args.label, step=config["step"])
+        record.update(images_seen=config["step"] * config["batch_size"])
+        scores = fid_and_is(scoring, images, device, f"{len(images):,} images")
+    else:
+        record = dict(images=args.images)
+        scores = fid_and_is(scoring, images, device, f"--images {args.images}")
+    record = dict(fid=round(scores["fid"], 4), samples=len(images), **record)
+    record.update(inception_score=round(scores["inception_score"], 4))
+    record.update(inception_score_std=round(scores["inception_score_std"], 4))
+    record.update(reference=scoring["where"], network=FID_NETWORK)
+    record.update(seconds=round(time.time() - started, 1))  # after the reference
+    print(f"FID {record['fid']:.2f}")
+    for key, value in record.items():
+        if key != "fid":
+            print(f"  {key:<19} {value}")
     if len(images) < 50_000:
         print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
     path = Path(args.ckpt or args.images).parent / "fid.json"  # beside the checkpoint or images
@@ -1536,10 +1719,66 @@ def measure_fid(args):
     print(f"added to {path}")
 
 
+def measure_nll(args):
+    """nll: the variational bound [Eq. 5] in bits/dim of a checkpoint's EMA weights on the test
+    images, its terms as the paper's Sec. 4.3 splits them; added to nll.json."""
+    device, _ = setup_device(args.device, "none")  # float32: the bound's small terms need it
+    model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
+    dataset = args.dataset or config["dataset"]
+    if dataset == "folder" and not args.data_dir:
+        raise UserError("nll of a folder dataset: name its test images with --data-dir DIR")
+    data_dir = args.data_dir or config["data_dir"]
+    split = "test"
+    if dataset == "folder":
+        split = f"the images of {data_dir}"
+    images = load_dataset(dataset, data_dir, config["image_size"], args.num_images, train=False)[0]
+    if images.shape[1] != config["channels"]:
+        what = f"{images.shape[1]} channel(s) where the model has {config['channels']}"
+        raise UserError(f"--data-dir {data_dir}: {what}; name images like its training set's")
+    n = len(images)
+    T = diffusion.num_timesteps
+    batches = math.ceil(n / args.batch_size)
+    progress = Progress(f"nll of {n:,} images, {T} network calls each", batches * T, n / batches / T)
+    generator = torch.Generator(device).manual_seed(args.seed)  # one fresh x_t per image and t
+    terms = []  # per image: L_0, L_1, ..., L_{T-1}, L_T in bits/dim
+    started = time.time()
+    for batch in images.split(args.batch_size):
+        x_0 = batch.to(device).float() / 127.5 - 1  # no dequantisation noise, as the paper's
+        steps = diffusion.vb_terms(
+            Watched(model, progress), x_0, variance=args.variance, generator=generator
+        )  # (B, T)
+        prior = diffusion.prior_bpd(x_0)  # (B,)
+        terms.append(torch.cat([steps, prior[:, None]], dim=1).double().cpu())  # (B, T + 1)
+    terms = torch.cat(terms)  # (n, T + 1)
+    total = terms.sum(1)  # (n,): the bound of each image
+    if not total.isfinite().all():
+        raise UserError(f"the bound of {args.ckpt} is not finite: are its weights finite?")
+    stderr = 0.0
+    if n > 1:
+        stderr = float(total.std() / math.sqrt(n))
+    record = dict(bits_per_dim=round(float(total.mean()), 6), stderr=round(stderr, 6), images=n)
+    record.update(split=split, dataset=dataset, variance=args.variance, step=config["step"])
+    record.update(seed=args.seed, checkpoint=str(args.ckpt))
+    record.update(L_0=round(float(terms[:, 0].mean()), 6))  # distortion [Sec. 4.3]
+    record.update(L_1_to_L_T_minus_1=round(float(terms[:, 1:T].sum(1).mean()), 6))
+    record.update(L_T=round(float(terms[:, T].mean()), 6))
+    record.update(seconds=round(time.time() - started, 1))
+    rate = record["L_1_to_L_T_minus_1"] + record["L_T"]
+    print(f"NLL <= {record['bits_per_dim']:.4f} bits/dim (standard error {stderr:.4f}, {n:,} images)")
+    print(f"  distortion L_0            {record['L_0']:.4f}")
+    print(f"  rate L_1 + ... + L_T      {rate:.4f}")
+    print(f"    of which L_T            {record['L_T']:.6f}")
+    path = Path(args.ckpt).parent / "nll.json"  # beside the checkpoint
+    add_record(path, record)
+    print(f"added to {path}")
+
+
 def draw_forward_process(args):
     """forward: rows of x_0, then x_t at t = T/10, ..., T with one eps [Eq. 4]."""
     images = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images)[0]
-    x_0, n, T = images.float() / 127.5 - 1, len(images), args.timesteps  # x_0: (n, C, H, W)
+    x_0 = images.float() / 127.5 - 1  # (n, C, H, W)
+    n = len(images)
+    T = args.timesteps
     diffusion = GaussianDiffusion(linear_beta_schedule(T))
     steps = [max(0, T * k // 10 - 1) for k in range(1, 11)]  # code t of paper t = T/10, ..., T
     noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(args.seed))
@@ -1550,75 +1789,49 @@ def draw_forward_process(args):
     print(f"wrote {path}: {n} images, columns x_0 then t = {', '.join(str(t + 1) for t in steps)}")
 
 
-def benchmark(args):
-    """bench: images/s of training iterations and of network evaluations when sampling."""
-    device, amp = setup_device(args.device, args.amp)
-    cuda = device.type == "cuda"
-    config = dict(PAPER, channels=3, **({} if cuda else QUICKSTART))
-    config.update({k: getattr(args, k) for k in PAPER if getattr(args, k, None) is not None})
-    B, S, T = args.batch_size or (128 if cuda else 32), config["image_size"], config["timesteps"]
-    torch.manual_seed(args.seed)
-    training, diffusion, model = build_training(config, device, amp, args.compile)
-    ema = compile_model(training.ema, args.compile)  # as sample runs it
-    data = torch.randint(0, 256, (4 * B, 3, S, S), dtype=torch.uint8, device=device)
-    x_t, t = torch.randn(B, 3, S, S, device=device), torch.randint(0, T, (B,), device=device)
-    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} CPU threads"
-    what = f"{config['model']}, {count_parameters(training.net):,} parameters, {S}x{S}, batch {B}"
-    print(f"bench: {what}, amp {amp}, compile {args.compile}, {where}, torch {torch.__version__}")
-    for name in ("train", "sample"):
-        progress = Progress(f"bench: {name}", 3 + args.steps, B)
-        for k in range(3 + args.steps):
-            if k == 3 and cuda:  # the warm-up done: time from here
-                torch.cuda.synchronize()
-            if k == 3:
-                t0 = time.perf_counter()
-            if name == "train":  # all of Algorithm 1: the batch, the step, the warm-up, the EMA
-                x_0 = get_batch(data, batch_indices(len(data), B, k), True)
-                train_iteration(training, diffusion, x_0, k, model)
-            else:  # one network evaluation of a sampler step, as in p_sample
-                with torch.inference_mode(), torch.autocast(device.type, amp, enabled=bool(amp)):
-                    ema(x_t, t)
-            progress.tick()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - t0) / args.steps
-        print(f"{name}: {B / seconds:,.1f} images/s, {1e3 * seconds:.2f} ms per call", flush=True)
-    if cuda:
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print("sample = one network evaluation per image, what one step of a sampler costs")
-
-
 def read_run(folder):
-    """A run's curves: log.csv's loss by step (steps, losses) and fid.csv's (images seen, FID)."""
+    """A run's curves by training images seen: {"seen", "loss"} of log.csv's rows (the last row
+    of a step logged twice) and {"fid_seen", "fid"} of fid.csv's; its batch size from ckpt.pt."""
+    if not (folder / "log.csv").is_file():
+        raise UserError(f"{folder / 'log.csv'} does not exist")
+    batch_size = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]["batch_size"]
     rows = {}
     try:
         for name in ("log.csv", "fid.csv"):
+            rows[name] = []
             if (folder / name).exists():
                 with open(folder / name, newline="") as f:
                     rows[name] = list(csv.DictReader(f))
-        loss = {int(r["step"]): float(r["loss"]) for r in rows.get("log.csv", [])}  # last wins
-        fids = [(int(r["images_seen"]), float(r["fid"])) for r in rows.get("fid.csv", [])]
+        loss = {int(r["step"]) * batch_size: float(r["loss"]) for r in rows["log.csv"]}
+        fid = {int(r["images_seen"]): float(r["fid"]) for r in rows["fid.csv"]}
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{folder}: a log.csv or fid.csv not written by ddpm.py ({e})")
     if not loss:
-        raise UserError(f"{folder / 'log.csv'} has no rows, or does not exist")
-    return np.array(list(loss)), np.array(list(loss.values())), fids
+        raise UserError(f"{folder / 'log.csv'} has no rows")
+    curves = dict(seen=np.array(list(loss)), loss=np.array(list(loss.values())))
+    curves.update(fid_seen=list(fid), fid=list(fid.values()))
+    return curves
 
 
 def compare_runs(args):
-    """compare: runs' mean losses over up to 8 stretches and their FIDs; --plot: curves."""
-    # matplotlib before any output: without it, its one line alone
-    plt = optional("matplotlib.pyplot", "matplotlib", "--plot") if args.plot else None
+    """compare: runs' mean losses over up to 8 stretches of training images seen, and their FIDs;
+    --plot: the curves."""
+    plt = None  # matplotlib before any output: without it, its one line alone
+    if args.plot:
+        plt = optional("matplotlib.pyplot", "matplotlib", "--plot")
     runs = {Path(folder): read_run(Path(folder)) for folder in args.runs}
-    last = min(int(steps.max()) for steps, _, _ in runs.values())
-    parts = min(8, min(len(steps) for steps, _, _ in runs.values()))  # no more than log rows
-    edges = [round(last * k / parts) for k in range(parts + 1)]
-    print(f"{'steps':>13} " + " ".join(f"{folder.name:>10}" for folder in runs))
+    last = min(int(run["seen"].max()) for run in runs.values())
+    stretches = min(8, min(len(run["seen"]) for run in runs.values()))  # no more than log rows
+    edges = [round(last * k / stretches) for k in range(stretches + 1)]
+    print(f"{'images seen':>21} " + " ".join(f"{folder.name:>10}" for folder in runs))
     for lo, hi in zip(edges, edges[1:]):
-        means = [loss[(steps > lo) & (steps <= hi)].mean() for steps, loss, _ in runs.values()]
-        print(f"{lo:>6}-{hi:<6} " + " ".join(f"{m:>10.4f}" for m in means))
-    for folder, (_, _, fids) in runs.items():
-        for seen, fid in fids:
+        cells = []
+        for run in runs.values():
+            inside = run["loss"][(run["seen"] > lo) & (run["seen"] <= hi)]
+            cells.append(f"{inside.mean():>10.4f}" if len(inside) else f"{'-':>10}")
+        print(f"{lo:>10}-{hi:<10} " + " ".join(cells))
+    for folder, run in runs.items():
+        for seen, fid in zip(run["fid_seen"], run["fid"]):
             print(f"{folder.name}: FID {fid:.2f} after {seen:,} images (fid.csv, while training)")
     if plt:
         plot_runs(plt, runs, args.plot)
@@ -1627,15 +1840,14 @@ def compare_runs(args):
 def plot_runs(plt, runs, path):
     """compare --plot: loss and FID (fid.csv) against training images seen, one line per run."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for folder, (steps, loss, fids) in runs.items():
-        config = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]  # its batch size
-        left.plot(steps * config["batch_size"], loss, label=folder.name)
-        if fids:
-            right.plot(*zip(*fids), "o-", label=folder.name)
+    for folder, run in runs.items():
+        left.plot(run["seen"], run["loss"], label=folder.name)
+        if run["fid"]:
+            right.plot(run["fid_seen"], run["fid"], "o-", label=folder.name)
     left.set(xlabel="training images seen", ylabel="loss (mean per log.csv row)", yscale="log")
     right.set(xlabel="training images seen", ylabel="FID (fid.csv)")
     left.legend()
-    if any(fids for _, _, fids in runs.values()):
+    if any(run["fid"] for run in runs.values()):
         right.legend()
     figure.savefig(path, dpi=120)
     print(f"wrote {path}")
@@ -1677,23 +1889,32 @@ def read_json(path):
 
 def diffusers_config(folder):
     """(our config, weights file) of a diffusers UNet2DModel or pipeline folder."""
-    unet = folder / "unet" if (folder / "unet").is_dir() else folder
+    unet = folder
+    if (folder / "unet").is_dir():
+        unet = folder / "unet"
     unet_config = read_json(unet / "config.json")
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    schedule = read_json(scheduler) if scheduler.is_file() else {}  # none: the paper's, assumed
+    if not scheduler.is_file():
+        scheduler = folder / "scheduler_config.json"
+    schedule = {}  # none: the paper's, assumed
+    if scheduler.is_file():
+        schedule = read_json(scheduler)
     wrong = [(k, unet_config.get(k)) for k, v in PAPER_UNET.items() if unet_config.get(k, v) != v]
     wrong += [(k, schedule[k]) for k, v in LINEAR.items() if schedule.get(k, v) != v]
-    if unet_config.get("_class_name") != "UNet2DModel" or wrong:
-        what = wrong[0] if wrong else ("_class_name", unet_config.get("_class_name"))
-        raise UserError(f"{unet}: not the paper's network and schedule ({what[0]} = {what[1]})")
+    if unet_config.get("_class_name") != "UNet2DModel":
+        wrong.insert(0, ("_class_name", unet_config.get("_class_name")))
+    if wrong:
+        key, value = wrong[0]  # the first that differs
+        raise UserError(f"{unet}: not the paper's network and schedule ({key} = {value})")
     try:
-        widths, size = unet_config["block_out_channels"], int(unet_config["sample_size"])
+        widths = unet_config["block_out_channels"]
+        size = int(unet_config["sample_size"])
         kinds = unet_config["down_block_types"]
-        attention = [size // 2**k for k, kind in enumerate(kinds) if "Attn" in kind]
-        config = dict(PAPER, model="res_att" if attention else "res", image_size=size)
+        attention_at = [size // 2**k for k, kind in enumerate(kinds) if "Attn" in kind]
+        config = dict(PAPER, image_size=size, channels=unet_config["in_channels"])
+        config.update(model="res_att" if attention_at else "res", attn_resolutions=attention_at)
         config.update(base_channels=widths[0], channel_mult=[w // widths[0] for w in widths])
-        config.update(num_res_blocks=unet_config["layers_per_block"], attn_resolutions=attention)
-        config.update(channels=unet_config["in_channels"])
+        config.update(num_res_blocks=unet_config["layers_per_block"])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{unet}/config.json: not a UNet2DModel's configuration ({e!r})")
     config.update(timesteps=schedule.get("num_train_timesteps", 1000))
@@ -1714,11 +1935,28 @@ def read_weights(path):
         raise UserError(f"cannot load {path} ({first_line(e)})")
 
 
+def download(name):
+    """The folder of a model on the Hugging Face Hub (e.g. google/ddpm-cifar10-32), downloaded
+    once into its cache: its configurations and weights only."""
+    hub = optional("huggingface_hub", "huggingface_hub", f"import {name} (not a folder here)")
+    files = ["*.json", "*.safetensors", "*.bin"]
+    print(f"{name} is not a folder here: downloading it from the Hugging Face Hub")
+    try:
+        return Path(hub.snapshot_download(name, allow_patterns=files))
+    except Exception as e:  # offline, no such model, a proxy: all end the same way
+        fix = "check the name and the network, or give a folder that holds the model"
+        raise UserError(f"could not download {name} ({first_line(e)}); {fix}")
+
+
 def import_weights(args):
     """import: a ckpt.pt from diffusers' format, every weight mapped and checked."""
-    config, path = diffusers_config(Path(args.folder))
+    folder = Path(args.folder)
+    if not folder.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", args.folder):  # owner/name
+        folder = download(args.folder)
+    config, path = diffusers_config(folder)
     config.update(dataset=args.dataset, data_dir=args.data_dir, num_classes=0, batch_size=128)
-    theirs, state = read_weights(path), {}
+    theirs = read_weights(path)
+    state = {}  # our weights, by our names
     net = build_model(config)
     for name, ours in net.state_dict().items():
         source = name
@@ -1736,11 +1974,11 @@ def import_weights(args):
     if theirs:
         raise UserError(f"{path}: {next(iter(theirs))} has no place in the paper's network")
     net.load_state_dict(state)
-    prepare_out_dir(Path(args.out_dir))
+    out_dir = Path(args.out_dir)
+    prepare_out_dir(out_dir)
     state = dict(config=dict(config, imported_from=str(path)), step=0, elapsed=0.0)
-    out, cpu = Path(args.out_dir) / "ckpt.pt", torch.device("cpu")
-    checkpoint(out, make_training(net), state, 0, 1, 0, cpu)
-    print(f"wrote {out}: {count_parameters(net):,} parameters from {path}")
+    checkpoint(out_dir / "ckpt.pt", make_training(net), state, saved_step=0, procs=ONE_PROCESS)
+    print(f"wrote {out_dir / 'ckpt.pt'}: {count_parameters(net):,} parameters from {path}")
 
 
 # --- Command line --------------------------------------------------------------------------------
@@ -1778,147 +2016,189 @@ def int_list(hi):
 
 def class_label(text):
     """--class: a class number, or all."""
-    return text if text == "all" else bounded(int, 0, 10**6)(text)
+    if text == "all":
+        return text
+    return bounded(int, 0, 10**6)(text)
 
 
-COUNT, MANY, BATCH = bounded(int, 0, 10**9), bounded(int, 1, 10**9), bounded(int, 1, 2**20)
-FRACTION, STEPS, SEED = bounded(float, 0, 1), bounded(int, 2, 100_000), bounded(int, 0, 2**32 - 1)
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line flag. type: a list gives the choices, bool makes a switch; help ends with
+    "paper: X" where that matters; more: other argparse keywords."""
 
-# The flags, a row each: (flag, type, default, help[, more argparse keywords]). A list as the type
-# gives the choices; bool makes a switch. A help ends with "paper: X" where that matters.
+    name: str
+    type: object
+    help: str
+    default: object = None  # a switch's: False
+    more: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self):
+        """The name of its value: --image-size -> image_size."""
+        return self.name[2:].replace("-", "_")
+
+
+def pick(flags, keys):
+    """The flags of a table with these keys (a list), in the table's order."""
+    return [flag for flag in flags if flag.key in keys]
+
+
+COUNT = bounded(int, 0, 10**9)
+MANY = bounded(int, 1, 10**9)
+BATCH = bounded(int, 1, 2**20)
+FRACTION = bounded(float, 0, 1)
+STEPS = bounded(int, 2, 100_000)
+SEED = bounded(int, 0, 2**32 - 1)
+SIZE = bounded(int, 1, 4096)
 RUN_FLAGS = [  # the network, its schedule and its data: on --resume, the checkpoint's
-    ("--model", list(MODELS), "res_att", "conv, res or res_att; paper: res_att"),
-    ("--image-size", bounded(int, 1, 4096), 32, "image side in pixels"),
-    ("--base-channels", bounded(int, 32, 4096), 128, "channels at full size, a multiple of 32"),
-    ("--channel-mult", int_list(64), [1, 2, 2, 2], "channel multiplier per level, e.g. 1,2,2,2"),
-    ("--num-res-blocks", bounded(int, 1, 64), 2, "residual blocks per level going down"),
-    ("--attn-resolutions", int_list(4096), [16], "resolutions with self-attention (res_att)"),
-    ("--dropout", FRACTION, 0.1, "dropout in every block"),
-    ("--timesteps", STEPS, 1000, "diffusion steps T, of the paper's linear beta schedule"),
-    ("--dataset", [*TORCHVISION_DATASETS, "folder"], "cifar10", "the training images"),
-    ("--data-dir", str, "data", "the dataset's folder; for folder, any tree of .png/.jpg files"),
-    ("--no-flip", bool, False, "no random horizontal flips (they are for cifar10 and folder)"),
-    ("--class-cond", bool, False, "train on the dataset's labels, for --guidance (not paper)"),
+    Flag("--model", list(MODELS), "conv, res or res_att; paper: res_att", default="res_att"),
+    Flag("--image-size", SIZE, "image side in pixels", default=32),
+    Flag("--base-channels", SIZE, "channels at full size, a multiple of 32", default=128),
+    Flag("--channel-mult", int_list(64), "channel multiplier per level", default=[1, 2, 2, 2]),
+    Flag("--num-res-blocks", bounded(int, 1, 64), "residual blocks per level going down", default=2),
+    Flag("--attn-resolutions", int_list(4096), "resolutions with self-attention", default=[16]),
+    Flag("--dropout", FRACTION, "dropout in every block", default=0.1),
+    Flag("--timesteps", STEPS, "diffusion steps T of the linear beta schedule", default=1000),
+    Flag("--dataset", [*TORCHVISION_DATASETS, "folder"], "the training images", default="cifar10"),
+    Flag("--data-dir", str, "the dataset's folder; folder: any tree of .png/.jpg", default="data"),
+    Flag("--no-flip", bool, "no random horizontal flips (they are for cifar10 and folder)"),
+    Flag("--class-cond", bool, "train on the dataset's labels, for --guidance (not paper)"),
 ]
-PAPER = {row[0][2:].replace("-", "_"): row[2] for row in RUN_FLAGS}  # the defaults of a new run
-QUICKSTART = dict(image_size=16, base_channels=32, channel_mult=[1, 2], num_res_blocks=1)
-QUICKSTART.update(attn_resolutions=[8])  # the README's quick start: what bench runs on a CPU
+PAPER = {flag.key: flag.default for flag in RUN_FLAGS}  # the defaults of a new run
 COMPILE_MODES = ["auto", "default", "reduce-overhead", "max-autotune"]
 COMPILE_HELP = "torch.compile the network in mode MODE (a slow first step, faster after); auto: "
 COMPILE_HELP += "reduce-overhead (CUDA graphs) when training on one GPU, else default"
 RUNTIME_FLAGS = [
-    ("--device", ["auto", "cpu", "cuda"], "auto", "auto: cuda if there is one"),
-    ("--amp", ["auto", "bf16", "none"], "auto", "auto: bf16 on CUDA, else none (float32)"),
-    ("--seed", SEED, 0, "random seed"),
-    ("--compile", COMPILE_MODES, None, COMPILE_HELP, dict(nargs="?", const="auto", metavar="MODE")),
+    Flag("--device", ["auto", "cpu", "cuda"], "auto: cuda if there is one", default="auto"),
+    Flag("--amp", ["auto", "bf16", "none"], "auto: bf16 on CUDA, else none (float32)", default="auto"),
+    Flag("--seed", SEED, "random seed", default=0),
+    Flag("--compile", COMPILE_MODES, COMPILE_HELP, more=dict(nargs="?", const="auto", metavar="MODE")),
 ]
 GUIDANCE_HELP = "classifier-free guidance w, for class-conditional models: eps = (1 + w) "
 GUIDANCE_HELP += "eps(x, y) - w eps(x); diffusers' guidance_scale is 1 + w"
+SAMPLERS = ["auto", "ddpm", "ddim", "dpm++"]
 SAMPLER_FLAGS = [
-    ("--sampler", ["auto", "ddpm", "ddim", "dpm++"], "auto", "auto: ddpm on CUDA, else ddim eta 1"),
-    ("--sample-steps", STEPS, None, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
-    ("--eta", FRACTION, 0.0, "DDIM noise: 0 deterministic, 1 DDPM-like"),
-    ("--variance", ["fixedlarge", "fixedsmall"], "fixedlarge", "ddpm's sigma_t^2: beta or beta~"),
-    ("--guidance", bounded(float, 0, 100), 0.5, GUIDANCE_HELP),
+    Flag("--sampler", SAMPLERS, "auto: ddpm on CUDA, else ddim eta 1", default="auto"),
+    Flag("--sample-steps", STEPS, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
+    Flag("--eta", FRACTION, "DDIM noise: 0 deterministic, 1 DDPM-like", default=0.0),
+    Flag("--variance", ["fixedlarge", "fixedsmall"], "sigma_t^2: beta or beta~", default="fixedlarge"),
+    Flag("--guidance", bounded(float, 0, 100), GUIDANCE_HELP, default=0.5),
 ]
-REF_STATS = ("--ref-stats", str, None, "FID reference: an npz of mu and sigma; None: the data's")
+REF_STATS = Flag("--ref-stats", str, "FID reference: an npz of mu and sigma; None: the data's")
 TRAIN_FLAGS = [
-    ("--epochs", MANY, 100, "passes over the data; paper: 800k steps, about 2000"),
-    ("--max-steps", COUNT, 0, "stop after this many steps if sooner; 0: no limit"),
-    ("--batch-size", BATCH, 128, "global batch; paper: 128"),
-    ("--lr", bounded(float, 1e-12, 1), 2e-4, "Adam learning rate; paper: 2e-4"),
-    ("--warmup", COUNT, 5000, "linear learning-rate warm-up steps; paper: 5000"),
-    ("--grad-clip", bounded(float, 1e-9, math.inf), 1.0, "global gradient norm clip; inf: none"),
-    ("--ema-decay", FRACTION, 0.9999, "EMA decay, warmed up; paper: 0.9999"),
-    ("--cond-drop", FRACTION, 0.1, "with --class-cond, the share of labels dropped to 'no label'"),
-    ("--out-dir", str, None, "where ckpt.pt, log.csv and pictures go; None: runs/<model>"),
-    ("--resume", bool, False, "continue the run in --out-dir (type its other flags again)"),
-    ("--ckpt-minutes", bounded(float, 0, 1e6), 5, "save ckpt.pt so often and at the end"),
-    ("--sample-every", COUNT, 10, "a grid of samples every N epochs; 0: never"),
-    ("--log-every", MANY, 100, "a log.csv row every N steps"),
-    ("--wandb", bool, False, "log to Weights & Biases (pip install wandb)"),
-    ("--fid-every", COUNT, 0, "an FID every N epochs, in fid.csv (needs pytorch-fid); 0: off"),
-    ("--fid-samples", bounded(int, 2, 10**7), 10_000, "samples per --fid-every FID; paper: 50000"),
-    ("--fid-batch-size", BATCH, 500, "images per sampler batch of a --fid-every FID"),
+    Flag("--epochs", MANY, "passes over the data; paper: 800k steps, about 2000", default=100),
+    Flag("--max-steps", COUNT, "stop after this many steps if sooner; 0: no limit", default=0),
+    Flag("--batch-size", BATCH, "global batch; paper: 128", default=128),
+    Flag("--lr", bounded(float, 1e-12, 1), "Adam learning rate; paper: 2e-4", default=2e-4),
+    Flag("--warmup", COUNT, "linear learning-rate warm-up steps; paper: 5000", default=5000),
+    Flag("--grad-clip", bounded(float, 1e-9, math.inf), "gradient norm clip; inf: none", default=1.0),
+    Flag("--ema-decay", FRACTION, "EMA decay, warmed up; paper: 0.9999", default=0.9999),
+    Flag("--cond-drop", FRACTION, "with --class-cond, the labels dropped to 'no label'", default=0.1),
+    Flag("--out-dir", str, "where ckpt.pt, log.csv and pictures go; None: runs/<model>"),
+    Flag("--resume", bool, "continue the run in --out-dir (type its other flags again)"),
+    Flag("--ckpt-minutes", bounded(float, 0, 1e6), "save ckpt.pt so often and at the end", default=5),
+    Flag("--sample-every", COUNT, "a grid of samples every N epochs; 0: never", default=10),
+    Flag("--log-every", MANY, "a log.csv row every N steps", default=100),
+    Flag("--wandb", bool, "log to Weights & Biases (pip install wandb)"),
+    Flag("--fid-every", COUNT, "FID and IS every N epochs, in fid.csv (pytorch-fid); 0: off", default=0),
+    Flag("--fid-samples", bounded(int, 2, 10**7), "samples per FID; paper: 50000", default=10_000),
+    Flag("--fid-batch-size", BATCH, "images per sampler batch of a --fid-every FID", default=500),
     REF_STATS,
 ]
 SAMPLE_FLAGS = [
-    ("--ckpt", str, None, "a ckpt.pt written by train", dict(required=True)),
-    ("--num-samples", bounded(int, 1, 10**7), 64, "how many images; an FID takes 50000"),
-    ("--batch-size", BATCH, 500, "images per sampler batch"),
-    ("--class", class_label, None, "K, or all; None: each in turn", dict(dest="label")),
-    ("--out-dir", str, None, "where they go; None: a samples/ folder beside the checkpoint"),
+    Flag("--ckpt", str, "a ckpt.pt written by train", more=dict(required=True)),
+    Flag("--num-samples", bounded(int, 1, 10**7), "how many images; an FID takes 50000", default=64),
+    Flag("--batch-size", BATCH, "images per sampler batch", default=500),
+    Flag("--class", class_label, "K, or all; None: each in turn", more=dict(dest="label")),
+    Flag("--out-dir", str, "where they go; None: a samples/ folder beside the checkpoint"),
 ]
 FID_FLAGS = [
-    ("--ckpt", str, None, "a ckpt.pt written by train: the FID of its samples"),
-    ("--images", str, None, "or the FID of the images in this folder (e.g. sample's)"),
-    ("--num-samples", bounded(int, 2, 10**7), 50_000, "how many samples; paper: 50000"),
-    *SAMPLE_FLAGS[2:4],
-    ("--dataset", RUN_FLAGS[8][1], None, "the reference set; None: the run's, or cifar10"),
-    ("--data-dir", str, None, "its folder, where its statistics are cached; None: the run's/data"),
+    Flag("--ckpt", str, "a ckpt.pt written by train: the FID and IS of its samples"),
+    Flag("--images", str, "or the FID and IS of the images in this folder (e.g. sample's)"),
+    Flag("--num-samples", bounded(int, 2, 10**7), "how many samples; paper: 50000", default=50_000),
+    *pick(SAMPLE_FLAGS, ["batch_size", "class"]),
+    Flag("--dataset", [*TORCHVISION_DATASETS, "folder"], "the reference set; None: the run's"),
+    Flag("--data-dir", str, "its folder; None: the run's, or data"),
     REF_STATS,
 ]
-FORWARD_FLAGS = [RUN_FLAGS[1], *RUN_FLAGS[7:10], RUNTIME_FLAGS[2]]
-FORWARD_FLAGS += [
-    ("--num-images", bounded(int, 1, 10**4), 8, "rows, one image each"),
-    ("--out-dir", str, "runs", "writes forward_process.png there"),
+NLL_FLAGS = [
+    Flag("--ckpt", str, "a ckpt.pt written by train or import", more=dict(required=True)),
+    Flag("--dataset", [*TORCHVISION_DATASETS, "folder"], "whose test images; None: the run's"),
+    Flag("--data-dir", str, "its folder (folder: of the test images); None: the run's"),
+    Flag("--num-images", bounded(int, 1, 10**7), "this many test images, evenly spread; None: all"),
+    Flag("--batch-size", BATCH, "images per batch, each taking T network calls", default=100),
+    *pick(SAMPLER_FLAGS, ["variance"]),
 ]
-IMPORT_FLAGS = [("--out-dir", str, "runs/imported", "where ckpt.pt goes"), *RUN_FLAGS[8:10]]
-BENCH_FLAGS = [
-    ("--batch-size", BATCH, None, "images per call; None: 128 on a GPU, 32 on a CPU"),
-    ("--steps", bounded(int, 1, 10**6), 20, "timed calls of each, after 3 untimed ones"),
+FORWARD_FLAGS = [
+    *pick(RUN_FLAGS, ["image_size", "timesteps", "dataset", "data_dir"]),
+    *pick(RUNTIME_FLAGS, ["seed"]),
+    Flag("--num-images", bounded(int, 1, 10**4), "rows, one image each", default=8),
+    Flag("--out-dir", str, "writes forward_process.png there", default="runs"),
+]
+IMPORT_FLAGS = [
+    Flag("--out-dir", str, "where ckpt.pt goes", default="runs/imported"),
+    *pick(RUN_FLAGS, ["dataset", "data_dir"]),
 ]
 
 
-def add_flags(parser, title, rows, decided=""):
-    """Add a group of flags from rows; decided: who decides the flags not typed."""
+def add_flags(parser, title, flags, decided=""):
+    """Add a group of flags (a table of Flag); decided: who decides the flags not typed."""
     group = parser.add_argument_group(title)
-    for flag, kind, default, text, *more in rows:
-        kwargs = dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        if kind is bool:
-            kwargs = dict(action="store_true")
-        if kind is not bool:
-            shown = ",".join(map(str, default)) if isinstance(default, list) else default
-            text += f" (default: {shown}{decided})"
+    for flag in flags:
+        kwargs = dict(flag.more)
+        if flag.type is bool:
+            kwargs.update(action="store_true")
+        elif isinstance(flag.type, list):
+            kwargs.update(choices=flag.type)
+        else:
+            kwargs.update(type=flag.type)
+        text = flag.help
+        if flag.type is not bool and isinstance(flag.default, list):
+            text += f" (default: {','.join(map(str, flag.default))}{decided})"
+        elif flag.type is not bool:
+            text += f" (default: {flag.default}{decided})"
+        default = flag.default
+        if flag.type is bool:
+            default = False
         if decided:
             default = None
-        group.add_argument(flag, default=default, help=text, **kwargs, **(more[0] if more else {}))
+        group.add_argument(flag.name, default=default, help=text, **kwargs)
 
 
 def build_parser():
-    """The seven commands and their flags."""
+    """The commands and their flags."""
     description = "Denoising Diffusion Probabilistic Models (Ho et al. 2020); no command: train"
     parser = Parser(prog="ddpm.py", allow_abbrev=False, description=description)
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     commands = {}
-    for name, (_, what) in COMMANDS.items():
+    for name, command in COMMANDS.items():
+        what = command["help"]
         commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
-    train, sample, fid = commands["train"], commands["sample"], commands["fid"]
-    compare = commands["compare"]
-    add_flags(train, "the run (on --resume, the checkpoint's)", RUN_FLAGS, "; --resume: the run's")
-    for p, rows in ((train, TRAIN_FLAGS), (sample, SAMPLE_FLAGS), (fid, FID_FLAGS)):
-        add_flags(p, "runtime", RUNTIME_FLAGS)
-        add_flags(p, "sampler", SAMPLER_FLAGS)
-        add_flags(p, p.prog.split()[-1], rows)
+    add_flags(commands["train"], "the run", RUN_FLAGS, decided="; --resume: the run's")
+    for name, flags in (("train", TRAIN_FLAGS), ("sample", SAMPLE_FLAGS), ("fid", FID_FLAGS)):
+        add_flags(commands[name], "runtime", RUNTIME_FLAGS)
+        add_flags(commands[name], "sampler", SAMPLER_FLAGS)
+        add_flags(commands[name], name, flags)
+    add_flags(commands["nll"], "runtime", pick(RUNTIME_FLAGS, ["device", "seed", "compile"]))
+    add_flags(commands["nll"], "nll", NLL_FLAGS)
     add_flags(commands["forward"], "forward", FORWARD_FLAGS)
-    add_flags(commands["bench"], "network", RUN_FLAGS[:8], "; on a CPU, the quick start's")
-    add_flags(commands["bench"], "runtime", RUNTIME_FLAGS)
-    add_flags(commands["bench"], "bench", BENCH_FLAGS)
-    commands["import"].add_argument("folder", help="diffusers' UNet2DModel, or a pipeline folder")
+    commands["import"].add_argument("folder", help="diffusers' UNet2DModel or pipeline folder, or a Hub name")
     add_flags(commands["import"], "import", IMPORT_FLAGS)
-    compare.add_argument("runs", nargs="+", help="run folders, each with its log.csv")
-    compare.add_argument("--plot", metavar="FILE.png", help="draw the curves there (default: none)")
+    commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
+    commands["compare"].add_argument(
+        "--plot", metavar="FILE.png", help="draw the curves there (default: none)"
+    )
     return parser
 
 
-COMMANDS = {  # name: (its function, its help)
-    "train": (train, "train a model (Algorithm 1)"),
-    "sample": (write_samples, "generate images from a checkpoint"),
-    "forward": (draw_forward_process, "picture the forward (noising) process"),
-    "bench": (benchmark, "measure training and sampling speed"),
-    "fid": (measure_fid, "the FID of a checkpoint's samples, or of images"),
-    "compare": (compare_runs, "compare the loss and FID curves of runs"),
-    "import": (import_weights, "the paper's released weights, from diffusers' format"),
+COMMANDS = {  # name: its function and its help
+    "train": dict(run=train, help="train a model (Algorithm 1)"),
+    "sample": dict(run=write_samples, help="generate images from a checkpoint"),
+    "fid": dict(run=measure_fid, help="the FID and IS of a checkpoint's samples, or of images"),
+    "nll": dict(run=measure_nll, help="the variational bound in bits/dim on the test images"),
+    "forward": dict(run=draw_forward_process, help="picture the forward (noising) process"),
+    "compare": dict(run=compare_runs, help="compare the loss and FID curves of runs"),
+    "import": dict(run=import_weights, help="the paper's released weights, from diffusers' format"),
 }
 
 
@@ -1931,21 +2211,27 @@ def parse_args(argv):
 
 def main(argv=None):
     """Run a command: 0, 2 for bad input (one line; rank 0's) or 130 for Ctrl-C."""
+    if argv is None:
+        argv = sys.argv[1:]
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        return COMMANDS[args.command][0](args) or 0
+        args = parse_args(argv)
+        return COMMANDS[args.command]["run"](args) or 0
     except UserError as e:
-        message = str(e)
+        message = f"error: {e}"
     except torch.cuda.OutOfMemoryError:  # training keeps its last checkpoint: it was saved whole
-        message = "out of GPU memory; use a smaller --batch-size"
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no Triton or no C compiler here
+        message = "error: out of GPU memory; use a smaller --batch-size"
+    # torch has no public class for a failed compile (torch.compiler exposes none): this one is
+    # what a missing Triton or C compiler raises, at the first call of the compiled network
+    except torch._dynamo.exc.BackendCompilerFailed as e:
         cause = first_line(getattr(e, "inner_exception", e))
-        message = f"--compile failed ({cause}); run without --compile, which computes the same"
+        message = f"error: --compile failed ({cause}); run without --compile, which computes the same"
     except KeyboardInterrupt:  # Ctrl-C outside the training loop
-        message = "interrupted"
+        if os.environ.get("RANK", "0") == "0":
+            print("ddpm.py: interrupted", file=sys.stderr)
+        return 130
     if os.environ.get("RANK", "0") == "0":
-        print(f"ddpm.py: {'error: ' * (message != 'interrupted')}{message}", file=sys.stderr)
-    return 130 if message == "interrupted" else 2
+        print(f"ddpm.py: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -40,9 +40,7 @@ def main():
     x_test, y_test = quality.images("FashionMNIST", args.data_dir, args.size, False)
     net = quality.train_classifier(x, y, x_test, y_test).eval()
 
-    def features(
-        images,
-    ):  # [0, 1] -> [-1, 1]; pool3-shaped, (B, D, 1, 1) in a list, as pytorch-fid's
+    def features(images):  # [0, 1] -> [-1, 1]; pool3-shaped, (B, D, 1, 1) in a list, as pytorch-fid's
         return [net.body(images[:, :1] * 2 - 1)[:, :, None, None]]
 
     ddpm.inception = lambda device: features

@@ -35,11 +35,7 @@ def images(name, data_dir, size, train):
     """The dataset's images as ddpm.py trains on them: padded to 32x32, resized; in [-1, 1]."""
     ds = getattr(torchvision.datasets, name)(data_dir, train=train, download=True)
     x = F.pad(torch.as_tensor(ds.data)[:, None], (2, 2, 2, 2))
-    x = (
-        torchvision.transforms.functional.resize(x, [size, size], antialias=True)
-        if size != 32
-        else x
-    )
+    x = torchvision.transforms.functional.resize(x, [size, size], antialias=True) if size != 32 else x
     return x.float() / 127.5 - 1, torch.as_tensor(ds.targets)
 
 
@@ -107,9 +103,7 @@ def main():
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--out-dir", default="runs/sampler-quality")
     p.add_argument("--runs", default=RUNS, help=f"space-separated sampler[:steps[:eta]]; {RUNS}")
-    p.add_argument(
-        "--real-sets", default="", help="also FD of real sets of these sizes, e.g. 2000,10000"
-    )
+    p.add_argument("--real-sets", default="", help="also FD of real sets of these sizes, e.g. 2000,10000")
     args = p.parse_args()
     cfg = torch.load(args.ckpt, map_location="cpu", weights_only=True)["config"]
     size = cfg["image_size"]
@@ -123,9 +117,7 @@ def main():
     for k in range(2):
         fd = frechet(features(net, x[perm[k * n : (k + 1) * n]]), reference)
         real = x[perm[k * n : (k + 1) * n]]
-        rows.append(
-            f"| real training images, set {k + 1} | - | - | {fd:.2f} | {classes(net, real):.2f} |"
-        )
+        rows.append(f"| real training images, set {k + 1} | - | - | {fd:.2f} | {classes(net, real):.2f} |")
     for size in [int(v) for v in args.real_sets.split(",") if v]:
         fd = frechet(features(net, x[torch.randperm(len(x))[:size]]), reference)
         rows.append(f"| {size} real training images | - | - | {fd:.2f} | - |")
@@ -161,9 +153,7 @@ def main():
         arr = ddpm.load_image_folder(out / "images", None)[0].float() / 127.5 - 1
         fd = frechet(features(net, arr), reference)
         spread = classes(net, arr)
-        rows.append(
-            f"| {name} | {steps or cfg['timesteps']} | {seconds:.0f} | {fd:.2f} | {spread:.2f} |"
-        )
+        rows.append(f"| {name} | {steps or cfg['timesteps']} | {seconds:.0f} | {fd:.2f} | {spread:.2f} |")
         print(rows[-1], flush=True)
     threads = torch.get_num_threads()
     print(f"\n{n} samples from {args.ckpt}, {threads} CPU threads, torch {torch.__version__}")
