@@ -1057,7 +1057,7 @@ def make_draw(args, config, device, amp):
     parsed flags, those that train, sample and fid share. auto: ddpm on a GPU, else DDIM, eta 1."""
     T = config["timesteps"]
     num_classes = config.get("num_classes", 0)
-    label = getattr(args, "label", None)  # --class: sample's and fid's
+    label = getattr(args, "label", None)  # --class: sample's
     if label is not None and not num_classes:
         raise UserError("--class: the model is not class-conditional (train with --class-cond)")
     if label not in (None, "all") and label >= num_classes:
@@ -1674,49 +1674,27 @@ def write_samples(args):
 
 
 def measure_fid(args):
-    """fid: the FID and IS of a checkpoint's samples or of --images, added to fid.json."""
-    if bool(args.ckpt) == bool(args.images):
-        raise UserError("fid takes one of --ckpt CKPT (to sample from) and --images DIR")
-    device, amp = setup_device(args.device, args.amp)
-    config = {}
-    if args.ckpt:
-        model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
-        draw = make_draw(args, config, device, amp)
-    else:  # the images sample writes, and not the grid of them it writes beside them
-        folder = Path(args.images)
-        images = load_image_folder(folder, size=None, flag="--images", leave_out=["grid.png"])[0]
-        config = dict(image_size=images.shape[-1])
-    scoring = fid_scoring(
-        dataset=args.dataset or config.get("dataset", "cifar10"),  # the run's training set
-        data_dir=args.data_dir or config.get("data_dir", "data"),
-        ref_stats=args.ref_stats,
-        size=config["image_size"],
-        device=device,
-    )
+    """fid: the FID and IS of the images in a folder (sample's), added to fid.json beside it."""
+    device, _ = setup_device(args.device, "none")
+    folder = Path(args.images)  # sample's images, and not the grid of them it writes beside them
+    images = load_image_folder(folder, size=None, flag="--images", leave_out=["grid.png"])[0]
+    scoring = fid_scoring(args.dataset, args.data_dir, args.ref_stats, size=images.shape[-1], device=device)
     started = time.time()
-    if args.ckpt:
-        images = generate(model, diffusion, draw, args.num_samples)
-        record = dict(images=f"the EMA weights of {args.ckpt}", sampler=str(draw), seed=args.seed)
-        record.update(label=args.label, step=config["step"])
-        record.update(images_seen=config["step"] * config["batch_size"])
-        scores = fid_and_is(scoring, images, device, f"{len(images):,} images")
-    else:
-        record = dict(images=args.images)
-        scores = fid_and_is(scoring, images, device, f"--images {args.images}")
-    record = dict(fid=round(scores["fid"], 4), samples=len(images), **record)
+    scores = fid_and_is(scoring, images, device, f"--images {folder}")
+    record = dict(fid=round(scores["fid"], 4), images=str(folder), samples=len(images))
     record.update(inception_score=round(scores["inception_score"], 4))
     record.update(inception_score_std=round(scores["inception_score_std"], 4))
     record.update(reference=scoring["where"], network=FID_NETWORK)
     record.update(seconds=round(time.time() - started, 1))  # after the reference
-    print(f"FID {record['fid']:.2f}")
+    print(
+        f"FID {record['fid']:.2f}, IS {record['inception_score']:.2f} ± {record['inception_score_std']:.2f}"
+    )
     for key, value in record.items():
-        if key != "fid":
-            print(f"  {key:<19} {value}")
+        print(f"  {key:<19} {value}")
     if len(images) < 50_000:
         print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
-    path = Path(args.ckpt or args.images).parent / "fid.json"  # beside the checkpoint or images
-    add_record(path, record)
-    print(f"added to {path}")
+    add_record(folder.parent / "fid.json", record)
+    print(f"added to {folder.parent / 'fid.json'}")
 
 
 def measure_nll(args):
@@ -2107,19 +2085,17 @@ TRAIN_FLAGS = [
 ]
 SAMPLE_FLAGS = [
     Flag("--ckpt", str, "a ckpt.pt written by train", more=dict(required=True)),
-    Flag("--num-samples", bounded(int, 1, 10**7), "how many images; an FID takes 50000", default=64),
+    Flag("--num-samples", bounded(int, 1, 10**7), "how many images; FID: 50000", default=64),
     Flag("--batch-size", BATCH, "images per sampler batch", default=500),
     Flag("--class", class_label, "K, or all; None: each in turn", more=dict(dest="label")),
     Flag("--out-dir", str, "where they go; None: a samples/ folder beside the checkpoint"),
 ]
 FID_FLAGS = [
-    Flag("--ckpt", str, "a ckpt.pt written by train: the FID and IS of its samples"),
-    Flag("--images", str, "or the FID and IS of the images in this folder (e.g. sample's)"),
-    Flag("--num-samples", bounded(int, 2, 10**7), "how many samples; paper: 50000", default=50_000),
-    *pick(SAMPLE_FLAGS, ["batch_size", "class"]),
-    Flag("--dataset", [*TORCHVISION_DATASETS, "folder"], "the reference set; None: the run's"),
-    Flag("--data-dir", str, "its folder; None: the run's, or data"),
+    Flag("--images", str, "a folder of images, e.g. sample's", more=dict(required=True)),
+    Flag("--dataset", [*TORCHVISION_DATASETS, "folder"], "the reference set", default="cifar10"),
+    Flag("--data-dir", str, "its folder", default="data"),
     REF_STATS,
+    *pick(RUNTIME_FLAGS, ["device"]),
 ]
 NLL_FLAGS = [
     Flag("--ckpt", str, "a ckpt.pt written by train or import", more=dict(required=True)),
@@ -2175,10 +2151,11 @@ def build_parser():
         what = command["help"]
         commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
     add_flags(commands["train"], "the run", RUN_FLAGS, decided="; --resume: the run's")
-    for name, flags in (("train", TRAIN_FLAGS), ("sample", SAMPLE_FLAGS), ("fid", FID_FLAGS)):
+    for name, flags in (("train", TRAIN_FLAGS), ("sample", SAMPLE_FLAGS)):
         add_flags(commands[name], "runtime", RUNTIME_FLAGS)
         add_flags(commands[name], "sampler", SAMPLER_FLAGS)
         add_flags(commands[name], name, flags)
+    add_flags(commands["fid"], "fid", FID_FLAGS)
     add_flags(commands["nll"], "runtime", pick(RUNTIME_FLAGS, ["device", "seed", "compile"]))
     add_flags(commands["nll"], "nll", NLL_FLAGS)
     add_flags(commands["forward"], "forward", FORWARD_FLAGS)
@@ -2194,7 +2171,7 @@ def build_parser():
 COMMANDS = {  # name: its function and its help
     "train": dict(run=train, help="train a model (Algorithm 1)"),
     "sample": dict(run=write_samples, help="generate images from a checkpoint"),
-    "fid": dict(run=measure_fid, help="the FID and IS of a checkpoint's samples, or of images"),
+    "fid": dict(run=measure_fid, help="the FID and IS of sample's images"),
     "nll": dict(run=measure_nll, help="the variational bound in bits/dim on the test images"),
     "forward": dict(run=draw_forward_process, help="picture the forward (noising) process"),
     "compare": dict(run=compare_runs, help="compare the loss and FID curves of runs"),

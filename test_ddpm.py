@@ -2108,52 +2108,46 @@ def test_reference_statistics_are_computed_once_then_read_from_the_cache(image_d
     assert where == f"statistics in {tmp_path / 'ref.npz'}"
 
 
-def test_fid_command_scores_samples_and_their_folders_alike(
+def test_fid_command_scores_sampled_images_and_records_fid_and_is(
     trained_run, image_dir, tmp_path, monkeypatch, capsys
 ):
-    """fid --ckpt draws from the EMA weights as sample does, prints the FID and its protocol (the
-    sampler in sample's words) and adds a record to fid.json beside the checkpoint; the same
-    images written by sample score the same through --images, from their folder or the one above
-    it (its grid.png left out)."""
+    """fid --images scores the images sample wrote (its grid.png left out), from their folder or the
+    one above it, against the training set's statistics (computed once, then cached): it prints
+    the FID and IS and adds a record of both, and of its protocol, to fid.json beside them."""
     calls = []
     monkeypatch.setattr(ddpm, "inception", standin_inception(calls))
-    run, data = tmp_path / "run", tmp_path / "data"
-    run.mkdir()
-    shutil.copy(trained_run / "ckpt.pt", run)
-    shutil.copy(trained_run / "log.csv", run)
+    data = tmp_path / "data"
     shutil.copytree(image_dir, data)
     common = ["--device", "cpu", "--batch-size", "8", "--sampler", "dpm++", "--sample-steps", "5"]
-    fid = ["fid", "--data-dir", str(data), "--dataset", "folder", *common]
-    assert ddpm.main([*fid, "--ckpt", str(run / "ckpt.pt"), "--num-samples", "24"]) == 0
-    out = capsys.readouterr().out
-    score = float(re.search(r"^FID (\S+)$", out, re.M).group(1))
-    (record,) = json.loads((run / "fid.json").read_text())
-    assert record["samples"] == 24 and record["step"] == 10 and record["images_seen"] == 80
-    assert record["sampler"] == "dpm++, 5 steps" and record["seed"] == 0
-    assert "EMA weights" in record["images"] and "pytorch-fid" in record["network"]
-    assert "40 folder training images" in record["reference"]
-    assert record["fid"] == pytest.approx(score, abs=0.01) and "note: FID from 24 images" in out
-    assert record["label"] is None
-    sample = ["sample", "--ckpt", str(run / "ckpt.pt"), "--num-samples", "24", *common]
+    sample = ["sample", "--ckpt", str(trained_run / "ckpt.pt"), "--num-samples", "24", *common]
     assert ddpm.main([*sample, "--out-dir", str(tmp_path / "s")]) == 0
+    fid = ["fid", "--data-dir", str(data), "--dataset", "folder", "--device", "cpu"]
     for images in (tmp_path / "s" / "images", tmp_path / "s"):
         assert ddpm.main([*fid, "--images", str(images)]) == 0
-        scored = json.loads((images.parent / "fid.json").read_text())
-        assert scored[-1]["fid"] == record["fid"] and scored[-1]["samples"] == 24
-    assert "grid.png left out" in capsys.readouterr().out  # the folder above images/ holds it
-    assert sum(calls) == 40 + 3 * 24 + 2  # the training set once, then its cache (and its width)
-    assert ddpm.main([*fid, "--ckpt", str(run / "ckpt.pt"), "--num-samples", "16"]) == 0
-    assert [r["samples"] for r in json.loads((run / "fid.json").read_text())] == [24, 16]
+        out = capsys.readouterr().out
+        record = json.loads((images.parent / "fid.json").read_text())[-1]
+        assert f"FID {record['fid']:.2f}, IS {record['inception_score']:.2f} ± " in out
+        assert record["samples"] == 24 and "folder_8px" in record["reference"]  # computed, then read
+        assert "pytorch-fid" in record["network"] and record["inception_score_std"] >= 0
+        assert "note: FID from 24 images" in out
+    assert "grid.png left out" in out  # the folder above images/ holds it
+    first = json.loads((tmp_path / "fid.json").read_text())[-1]
+    assert first["fid"] == record["fid"] and first["inception_score"] == record["inception_score"]
+    assert sum(calls) == 40 + 2 * 24 + 1  # the training set once, then its cache (and its width)
 
 
 def test_fid_errors_end_in_one_line_before_any_work(trained_run, image_dir, tmp_path, monkeypatch, capsys):
     """Without pytorch-fid, without its weights (offline), with a reference of another width or
-    not finite, with neither or both of --ckpt and --images, or with images that are not images:
-    one line each, before any sampling; --fid-every checks the same before training starts."""
-    ckpt, run = str(trained_run / "ckpt.pt"), tmp_path / "run"
-    fid = ["fid", "--device", "cpu", "--num-samples", "4", "--data-dir", str(tmp_path)]
+    not finite, without --images, or with images that are not images: one line each, before any
+    scoring; --fid-every checks the same before training starts."""
+    run = tmp_path / "run"
+    fid = ["fid", "--device", "cpu", "--data-dir", str(tmp_path)]
+    (tmp_path / "s").mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / "s" / f"{k}.png")
+    images = ["--images", str(tmp_path / "s")]
     monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # "import pytorch_fid" fails
-    expect_error([*fid, "--ckpt", ckpt], "pip install pytorch-fid", capsys=capsys)
+    expect_error([*fid, *images], "pip install pytorch-fid", capsys=capsys)
     expect_error(train_flags(image_dir, run, "--fid-every", "1"), "pip install pytorch-fid", capsys=capsys)
     assert not (run / "log.csv").exists()
 
@@ -2167,13 +2161,12 @@ def test_fid_errors_end_in_one_line_before_any_work(trained_run, image_dir, tmp_
     monkeypatch.setitem(sys.modules, "pytorch_fid", SimpleNamespace(inception=fake))
     monkeypatch.setitem(sys.modules, "pytorch_fid.inception", fake)
     weights = Path(torch.hub.get_dir()) / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
-    expect_error([*fid, "--ckpt", ckpt], str(weights), capsys=capsys)
+    expect_error([*fid, *images], str(weights), capsys=capsys)
     monkeypatch.setattr(ddpm, "inception", standin_inception([]))
     (tmp_path / "bad.npz").write_text("not an npz")
     bad = ["--ref-stats", str(tmp_path / "bad.npz")]
-    expect_error([*fid, "--ckpt", ckpt, *bad], "--ref-stats", "mu and sigma", capsys=capsys)
-    expect_error(fid, "--ckpt", "--images", capsys=capsys)
-    expect_error([*fid, "--ckpt", ckpt, "--images", str(tmp_path)], "one of", capsys=capsys)
+    expect_error([*fid, *images, *bad], "--ref-stats", "mu and sigma", capsys=capsys)
+    expect_error(fid, "--images", "required", capsys=capsys)
     expect_error([*fid, "--images", str(tmp_path / "bad.npz")], "not a folder", capsys=capsys)
     expect_error([*fid, "--images", str(tmp_path / "none")], "--images", capsys=capsys)
     (tmp_path / "one").mkdir()  # no covariance from one image
@@ -2187,7 +2180,7 @@ def test_fid_errors_end_in_one_line_before_any_work(trained_run, image_dir, tmp_
     for name, mu, sigma in (("nan", np.full(16, np.nan), np.eye(16)), ("64", np.zeros(64), np.eye(64))):
         np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
         ref = ["--ref-stats", str(tmp_path / f"{name}.npz")]
-        expect_error([*fid, "--ckpt", ckpt, *ref], "finite, of the network's 16 features", capsys=capsys)
+        expect_error([*fid, *images, *ref], "finite, of the network's 16 features", capsys=capsys)
     assert not list(tmp_path.rglob("fid.json"))
 
 
@@ -2227,9 +2220,11 @@ def test_fid_every_logs_rows_kept_out_of_images_per_s(image_dir, tmp_path, monke
     speeds = {r["step"]: float(r["images_per_s"]) for r in csv.DictReader(open(run / "log.csv"))}
     assert "10" in speeds and min(speeds.values()) > 1000  # 8 images a step, 1 ms a reading
     capsys.readouterr()
-    again = ["--ckpt", str(run / "ckpt.pt"), "--num-samples", "6", "--sampler", "ddim"]
-    again += ["--eta", "1", "--sample-steps", "20", "--device", "cpu"]
-    assert ddpm.main(["fid", *again]) == 0
+    again = ["--ckpt", str(run / "ckpt.pt"), "--num-samples", "6", "--sampler", "ddim", "--eta", "1"]
+    again += ["--sample-steps", "20", "--device", "cpu", "--out-dir", str(run / "samples")]
+    assert ddpm.main(["sample", *again]) == 0  # the same images as the last row's
+    fid = ["fid", "--images", str(run / "samples"), "--dataset", "folder", "--data-dir", str(data)]
+    assert ddpm.main([*fid, "--device", "cpu"]) == 0
     assert f"FID {float(rows[1]['fid']):.2f}" in capsys.readouterr().out
     (record,) = json.loads((run / "fid.json").read_text())  # the same Inception pass gives the IS
     assert record["inception_score"] == pytest.approx(float(rows[1]["inception_score"]), abs=1e-4)

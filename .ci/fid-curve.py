@@ -6,8 +6,9 @@ It trains the small Fashion-MNIST classifier of sampler-quality.py, puts its 128
 features in the place of pytorch-fid's Inception network (ddpm.inception), writes the statistics of
 the training set under those features to OUT_DIR/reference.npz, and runs `ddpm.py train` with the
 flags after `--` plus `--ref-stats` (so no cache in --data-dir ever holds stand-in statistics).
-fid.csv then holds the classifier's FD (FID's formula) at every --fid-every. The images reach the
-classifier as they would reach Inception: RGB in [0, 1], of which it takes one channel.
+fid.csv then holds the classifier's FD (FID's formula) and IS (of its 10 classes) at every --fid-every.
+The images reach the classifier as they would reach Inception: RGB in [0, 1], of which it takes one
+channel.
 CI never runs this.
 """
 
@@ -43,7 +44,10 @@ def main():
     def features(images):  # [0, 1] -> [-1, 1]; pool3-shaped, (B, D, 1, 1) in a list, as pytorch-fid's
         return [net.body(images[:, :1] * 2 - 1)[:, :, None, None]]
 
-    ddpm.inception = lambda device: features
+    def inception(device):  # the features, and the classifier's head on them for the IS
+        return features, net.head.weight.detach().double()
+
+    ddpm.inception = inception
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = ddpm.load_dataset("fashion_mnist", args.data_dir, args.size)[0]
