@@ -20,6 +20,7 @@ Paper symbols and their names here
     eps, eps_theta          noise, eps_pred = model(x_t, t)
     x_0, x_t, z             x_0, x_t, noise              (tensors in [-1, 1] for images)
     sigma_t^2               beta_t ("fixedlarge") or beta_tilde_t ("fixedsmall")   [Sec. 3.2]
+    L; L_0, L_{t-1}; L_T    bits_per_dim; vb_term; prior_bpd (in bits/dim)      [Eq. 5, 13]
 
 The time-index rule (the one place off-by-one bugs live)
     Code t in {0, ..., T-1} stands for paper step t+1. Training draws t = randint(0, T); the
@@ -36,11 +37,14 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
     3. An epoch is floor(50000 / 128) = 390 full batches (the last partial batch is dropped, so
        that every step has one shape).
     4. Mixed precision (bf16 autocast) on CUDA by default; --amp none for float32.
-    5. Extras the paper does not have, after the banner: DDIM (Song et al. 2021), DPM-Solver++(2M)
+    5. The bound in bits/dim follows the official code: the decoder's variance at t = 1 is
+       beta_tilde_2 (not beta_1) with "fixedlarge", and its normal CDF is a tanh approximation.
+    6. Extras the paper does not have, after the banner: DDIM (Song et al. 2021), DPM-Solver++(2M)
        (Lu et al. 2022), classifier-free guidance (Ho & Salimans 2022; the optional label input).
 
 Section map
-    Part I   the diffusion process: linear_beta_schedule, extract, GaussianDiffusion
+    Part I   the diffusion process: linear_beta_schedule, extract, the bound's KL and decoder,
+             GaussianDiffusion (q, p_theta, and the bound L in bits/dim)
     Part II  the networks: the blocks, ResAttUNet (the paper's network), ResUNet, ConvUNet
     Part III training (Alg. 1: train_step, train_iteration, train_loop), sampling (Alg. 2)
     Extras   ddim_sample_loop, dpm_solver_sample_loop, Guided
@@ -101,12 +105,52 @@ def extract(a, t, x_shape):
     return out.reshape(B, *((1,) * (len(x_shape) - 1)))  # (B, 1, 1, 1)
 
 
+# --- The pieces of the bound: two Gaussians' KL, and the discrete decoder  [Eq. 5, Eq. 13] --------
+# All elementwise and in nats; GaussianDiffusion.vb_term averages them into bits/dim.
+def normal_kl(mean1, log_var1, mean2, log_var2):
+    """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))), elementwise, in nats: the closed form
+    that makes every term of L [Eq. 5] but L_0 and L_T a comparison of two Gaussians [Sec. 2]."""
+    variance_ratio = torch.exp(log_var1 - log_var2)  # s1 / s2, with s the variances
+    squared_gap = (mean1 - mean2) ** 2 * torch.exp(-log_var2)  # (m1 - m2)^2 / s2
+    # 0.5 (-1 + log(s2 / s1) + s1 / s2 + (m1 - m2)^2 / s2)
+    return 0.5 * (-1.0 + log_var2 - log_var1 + variance_ratio + squared_gap)
+
+
+def approx_standard_normal_cdf(x):
+    """Phi(x), the standard normal CDF, by the tanh approximation the official code uses:
+    0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))."""
+    # NOTE(paper): the official code's approximation, not erf: the bound moves by ~3e-4 bits/dim
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """The decoder p_theta(x_0 | x_1) of Eq. 13, elementwise, in nats: log of the mass that
+    N(mean, exp(log_scale)^2) puts on x's bin [x - 1/255, x + 1/255], for pixels x in {0..255}
+    scaled to [-1, 1]; the bins of -1 and 1 are open to -inf and inf, so the 256 masses sum to 1.
+    Uses: approx_standard_normal_cdf."""
+    centered_x = x - mean
+    inv_stdv = torch.exp(-log_scale)  # 1 / sigma_1
+    # delta_+(x) = x + 1/255 and delta_-(x) = x - 1/255 [Eq. 13], standardised
+    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+    cdf_plus = approx_standard_normal_cdf(plus_in)
+    cdf_min = approx_standard_normal_cdf(min_in)
+    # each probability is kept >= 1e-12 before its log, as the official code does
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()  # x = -1: delta_-(x) = -inf
+    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()  # x = 1: delta_+(x) = inf
+    log_cdf_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()  # the 254 inner bins
+    # the edge tests use +-0.999, away from the neighbouring pixels at +-(1 - 2/255)
+    top_or_inner = torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    return torch.where(x < -0.999, log_cdf_plus, top_or_inner)
+
+
 # --- The forward process q and one step of the reverse process p_theta  [Sec. 2-3, Eq. 1-15] -----
 class GaussianDiffusion(nn.Module):
     """The fixed forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) and the
     learned reverse process p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I) [Eq. 1-2]. No
     learned parameters: the schedule as float32 buffers (computed in float64), which `.to(device)`
-    moves. `model` is any callable model(x_t, t) -> eps_pred, t a (B,) LongTensor. Uses: extract."""
+    moves. `model` is any callable model(x_t, t) -> eps_pred, t a (B,) LongTensor. Uses: extract,
+    and for the bound in bits/dim: normal_kl, discretized_gaussian_log_likelihood."""
 
     def __init__(self, betas):
         super().__init__()
@@ -122,6 +166,8 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
         ac = alphas_cumprod  # short names for the formulas below
         ac_prev = alphas_cumprod_prev
+        # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1
+        pv = betas * (1.0 - ac_prev) / (1.0 - ac)
         buffers = {  # each glossed with its symbol and the code that reads it
             "betas": betas,  # beta_t; p_sample (Eq. 11, and sigma_t^2 = beta_t)
             "alphas_cumprod": ac,  # alpha_bar_t; the fast samplers after the banner
@@ -130,9 +176,13 @@ class GaussianDiffusion(nn.Module):
             "sqrt_recip_alphas": alphas.rsqrt(),  # 1 / sqrt(alpha_t); p_sample (Eq. 11)
             "sqrt_recip_alphas_cumprod": ac.rsqrt(),  # sqrt(1 / alpha_bar_t); predict_x0_from_eps
             "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1.0).sqrt(),  # sqrt(1 / alpha_bar_t - 1)
-            # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t [Eq. 7], 0 at t = 1;
-            # q_posterior, p_sample
-            "posterior_variance": betas * (1.0 - ac_prev) / (1.0 - ac),
+            "posterior_variance": pv,  # beta_tilde_t [Eq. 7]; q_posterior, p_sample
+            # log beta_tilde_t, its 0 at t = 1 (no log) replaced by beta_tilde_2 as the official
+            # code does; vb_term (q's variance, and p_theta's for "fixedsmall")
+            "posterior_log_variance_clipped": torch.cat([pv[1:2], pv[1:]]).log(),
+            # log sigma_t^2 for "fixedlarge": log beta_t [Sec. 3.2], but log beta_tilde_2 at t = 1
+            # as the official code (see vb_term); vb_term
+            "fixedlarge_log_variance": torch.cat([pv[1:2], betas[1:]]).log(),
             # beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t): the weight of x_0 in mu_tilde
             # [Eq. 7]; q_posterior
             "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
@@ -216,6 +266,73 @@ class GaussianDiffusion(nn.Module):
         sigma = (self.betas[t] if variance == "fixedlarge" else self.posterior_variance[t]).sqrt()
         # Alg. 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
         return mean + sigma * noise
+
+    def vb_term(self, model, x_0, x_t, t, variance="fixedlarge", clip_denoised=True):
+        """One term of the variational bound L [Eq. 5] at the code steps t (B,), in bits/dim (B,).
+        With s = t + 1 the paper's step: where s >= 2, L_{s-1} = KL(q(x_{s-1} | x_s, x_0) ||
+        p_theta(x_{s-1} | x_s)); where s = 1, the decoder's L_0 = -log p_theta(x_0 | x_1) [Eq. 13].
+        p_theta's mean is p_sample's, its variance sigma_t^2 as `variance` says; x_t is given, so
+        the term is deterministic. Uses: normal_kl, discretized_gaussian_log_likelihood."""
+        if variance not in ("fixedlarge", "fixedsmall"):
+            raise ValueError(f"variance must be 'fixedlarge' or 'fixedsmall', got {variance!r}")
+        shape = x_t.shape
+        # q(x_{t-1} | x_t, x_0) = N(mu_tilde_t, beta_tilde_t I)  [Eq. 6-7]
+        true_mean, _ = self.q_posterior(x_0, x_t, t)
+        true_log_var = extract(self.posterior_log_variance_clipped, t, shape)  # (B, 1, 1, 1)
+        # p_theta(x_{t-1} | x_t): the mean as p_sample takes it, from x_0 predicted [Eq. 15]
+        eps_pred = model(x_t, t).to(x_t.dtype)  # x_t's float32, even if the model ran in bf16
+        x_0_pred = self.predict_x0_from_eps(x_t, t, eps_pred)
+        if clip_denoised:
+            x_0_pred = x_0_pred.clamp(-1.0, 1.0)  # NOTE(paper): as in p_sample
+        model_mean, _ = self.q_posterior(x_0_pred, x_t, t)  # mu_theta(x_t, t)
+        # log sigma_t^2: log beta_t ("fixedlarge") or log beta_tilde_t ("fixedsmall") [Sec. 3.2].
+        # NOTE(paper): at t = 1 (code 0) both take beta_tilde_2 (not beta_1, nor beta_tilde_1 = 0)
+        # as the official code does, for "fixedlarge" "to get a better decoder log likelihood"
+        log_vars = self.fixedlarge_log_variance
+        if variance == "fixedsmall":
+            log_vars = self.posterior_log_variance_clipped
+        model_log_var = extract(log_vars, t, shape)  # (B, 1, 1, 1)
+        # L_{t-1}: the KL of two Gaussians per dimension [Eq. 5], in nats
+        kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var)  # (B, C, H, W)
+        # L_0 = -log p_theta(x_0 | x_1), the discrete decoder [Eq. 13]; log sigma = log sigma^2 / 2
+        nll = -discretized_gaussian_log_likelihood(x_0, model_mean, 0.5 * model_log_var)
+        # bits/dim: the mean over the C*H*W dimensions, in bits
+        kl_bits = kl.flatten(1).mean(1) / math.log(2.0)  # (B,)
+        nll_bits = nll.flatten(1).mean(1) / math.log(2.0)  # (B,)
+        return torch.where(t == 0, nll_bits, kl_bits)  # (B,): L_0 at t = 0, else L_{t-1}
+
+    def prior_bpd(self, x_0):
+        """The prior term of L [Eq. 5], L_T = KL(q(x_T | x_0) || N(0, I)), in bits/dim (B,). It has
+        no learned part: under 3e-5 bits/dim with the paper's schedule. Uses: normal_kl."""
+        # q(x_T | x_0) = N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I)  [Eq. 4]
+        mean = self.sqrt_alphas_cumprod[-1] * x_0
+        log_var = (1.0 - self.alphas_cumprod[-1]).log()  # log(1 - alpha_bar_T)
+        zero = torch.zeros_like(mean)  # p(x_T) = N(0, I): mean 0, log variance 0
+        kl = normal_kl(mean, log_var, zero, zero)  # (B, C, H, W)
+        return kl.flatten(1).mean(1) / math.log(2.0)  # (B,)
+
+    @torch.inference_mode()
+    def vb_terms(self, model, x_0, variance="fixedlarge", generator=None):
+        """L_0, L_1, ..., L_{T-1} of the bound [Eq. 5] in bits/dim, (B, T): column t is vb_term at
+        code t, the paper's L_t, on its own x_t ~ q(x_t | x_0), one fresh draw per image and step,
+        as the official calc_bpd_loop. `generator` draws the noise; the model must be in eval()."""
+        B = x_0.shape[0]
+        columns = []
+        for t in range(self.num_timesteps):
+            t_batch = torch.full((B,), t, device=x_0.device, dtype=torch.long)  # (B,)
+            noise = torch.randn(  # eps ~ N(0, I), fresh for each step
+                x_0.shape, generator=generator, device=x_0.device, dtype=x_0.dtype
+            )
+            x_t = self.q_sample(x_0, t_batch, noise)  # [Eq. 4]
+            columns.append(self.vb_term(model, x_0, x_t, t_batch, variance=variance))  # (B,)
+        return torch.stack(columns, dim=1)  # (B, T)
+
+    @torch.inference_mode()
+    def bits_per_dim(self, model, x_0, variance="fixedlarge", generator=None):
+        """The variational bound L = L_0 + sum_{t>1} L_{t-1} + L_T [Eq. 5] in bits/dim, (B,): the
+        negative log-likelihood bound of the paper's Table 1, for pixels x_0 = uint8 / 127.5 - 1
+        (no dequantisation noise). Uses vb_terms (a fresh x_t per step) and prior_bpd."""
+        return self.vb_terms(model, x_0, variance, generator).sum(1) + self.prior_bpd(x_0)
 
 
 # =============================================================================

@@ -396,6 +396,153 @@ def test_last_step_adds_no_noise_and_clipping_bounds_x0():
 
 
 # -----------------------------------------------------------------------------
+# Part I: the variational bound in bits/dim
+# -----------------------------------------------------------------------------
+
+
+def official_terms_bpd(x_0, x_t, t, eps, betas, variance, clip_denoised=True):
+    """The official _vb_terms_bpd and _prior_bpd (diffusion_utils_2.py, utils.py) written again
+    in numpy float64, from the schedule betas: (terms (B,), prior (B,)) in bits/dim."""
+    ac = np.cumprod(1 - betas)
+    acp = np.append(1.0, ac[:-1])
+    pv = betas * (1 - acp) / (1 - ac)
+    q_log_var = np.log(np.append(pv[1], pv[1:]))  # posterior_log_variance_clipped
+    p_log_var = {"fixedlarge": np.log(np.append(pv[1], betas[1:])), "fixedsmall": q_log_var}
+    p_log_var = p_log_var[variance][t][:, None, None, None]
+    coef1 = (betas * np.sqrt(acp) / (1 - ac))[t][:, None, None, None]
+    coef2 = ((1 - acp) * np.sqrt(1 - betas) / (1 - ac))[t][:, None, None, None]
+    a = ac[t][:, None, None, None]
+    x_0_pred = x_t / np.sqrt(a) - np.sqrt(1 / a - 1) * eps
+    if clip_denoised:
+        x_0_pred = np.clip(x_0_pred, -1, 1)
+    true_mean = coef1 * x_0 + coef2 * x_t
+    model_mean = coef1 * x_0_pred + coef2 * x_t
+
+    def kl(m1, lv1, m2, lv2):
+        return 0.5 * (-1 + lv2 - lv1 + np.exp(lv1 - lv2) + (m1 - m2) ** 2 * np.exp(-lv2))
+
+    def cdf(x):
+        return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    kl_t = kl(true_mean, q_log_var[t][:, None, None, None], model_mean, p_log_var)
+    inv_stdv = np.exp(-0.5 * p_log_var)
+    cdf_plus = cdf(inv_stdv * (x_0 - model_mean + 1 / 255))
+    cdf_min = cdf(inv_stdv * (x_0 - model_mean - 1 / 255))
+    log_p = np.where(
+        x_0 < -0.999,
+        np.log(np.maximum(cdf_plus, 1e-12)),
+        np.where(
+            x_0 > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)), np.log(np.maximum(cdf_plus - cdf_min, 1e-12))
+        ),
+    )
+    B = len(t)
+    kl_bits = kl_t.reshape(B, -1).mean(1) / np.log(2)
+    nll_bits = -log_p.reshape(B, -1).mean(1) / np.log(2)
+    prior = kl(np.sqrt(ac[-1]) * x_0, np.log(1 - ac[-1]), 0.0, 0.0)
+    return np.where(t == 0, nll_bits, kl_bits), prior.reshape(B, -1).mean(1) / np.log(2)
+
+
+def random_pixels(shape, seed=0):
+    """uint8 images as the bound sees them, x = uint8 / 127.5 - 1, with both edge values present."""
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+    x[:, 0, 0, 0] = 0  # the open bin (-inf, -1 + 1/255]
+    x[:, 0, 0, 1] = 255  # the open bin [1 - 1/255, inf)
+    return x.double() / 127.5 - 1
+
+
+def test_vb_term_and_prior_bpd_match_the_official_formulas():
+    """vb_term (L_0 [Eq. 13] at t = 0, the KLs L_{t-1} [Eq. 5] after) and prior_bpd (L_T) equal
+    the official code's formulas in numpy float64, for a network and a plain callable, t mixed."""
+    torch.manual_seed(0)
+    T = 20
+    d = linear_diffusion(T, 0.2).double()
+    betas = np.linspace(1e-4, 0.2, T)
+    net = randomized(ddpm.ResAttUNet(**TINY)).eval()
+    weights = torch.randn(3, 8, 8, dtype=torch.float64)
+
+    def network(x_t, t):  # in float32, as a network under autocast runs in a lower precision
+        return net(x_t.float(), t)
+
+    def plain(x_t, t):  # a fixed random per-pixel map, in float64
+        return weights * x_t + 0.1 * t[:, None, None, None]
+
+    x_0 = random_pixels((6, 3, 8, 8))
+    t = torch.tensor([0, 5, 0, 19, 1, 12])
+    x_t = d.q_sample(x_0, t, torch.randn_like(x_0))
+    with torch.no_grad():
+        eps_network = network(x_t, t).double()
+    # the network once per variance (with the clip, as evaluated); the callable with and without
+    cases = [(network, eps_network, True), (plain, plain(x_t, t), True), (plain, plain(x_t, t), False)]
+    for variance in ["fixedlarge", "fixedsmall"]:
+        for model, eps, clip in cases:
+            with torch.no_grad():
+                terms = d.vb_term(model, x_0, x_t, t, variance, clip_denoised=clip)
+            ref, ref_prior = official_terms_bpd(
+                x_0.numpy(), x_t.numpy(), t.numpy(), eps.numpy(), betas, variance, clip
+            )
+            assert terms.shape == (6,) and terms.dtype == torch.float64
+            np.testing.assert_allclose(terms.numpy(), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(d.prior_bpd(x_0).numpy(), ref_prior, rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="variance"):
+        d.vb_term(plain, x_0, x_t, t, variance="learned")
+
+
+def test_bits_per_dim_of_a_perfect_denoiser():
+    """With eps_theta = the true noise, an image of all 128s has L = 1.7920844 bits/dim with
+    sigma^2 = beta ("fixedlarge") and 1.3056651 with beta_tilde [Eq. 5, 13; Sec. 3.2]; with
+    beta_tilde every KL is 0 and L = L_0 + L_T."""
+    d = linear_diffusion(1000).double()
+    x_0 = torch.full((2, 3, 4, 4), 128 / 127.5 - 1, dtype=torch.float64)
+
+    def true_noise(x_t, t):  # eps from x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+        scaled_x_0 = ddpm.extract(d.sqrt_alphas_cumprod, t, x_t.shape) * x_0
+        return (x_t - scaled_x_0) / ddpm.extract(d.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+
+    g = torch.Generator().manual_seed(0)
+    large = d.vb_terms(true_noise, x_0, "fixedlarge", generator=g)  # (B, T)
+    small = d.vb_terms(true_noise, x_0, "fixedsmall", generator=g)
+    prior = d.prior_bpd(x_0)
+    # the float32 buffers (rounded, then made float64) move the totals by ~2e-7
+    np.testing.assert_allclose((large.sum(1) + prior).numpy(), 1.7920844, atol=1e-6)
+    np.testing.assert_allclose((small.sum(1) + prior).numpy(), 1.3056651, atol=1e-6)
+    assert small[:, 1:].abs().max() < 1e-9  # the same Gaussians: every L_{t-1}, t > 1, is 0
+    torch.testing.assert_close(large[:, 0], small[:, 0])  # one decoder variance: beta_tilde_2
+    total = d.bits_per_dim(true_noise, x_0.float(), generator=g)  # in float32 as in use
+    np.testing.assert_allclose(total.numpy(), 1.7920844, atol=1e-5)
+
+
+def test_decoder_probabilities_sum_to_one():
+    """The discretized decoder [Eq. 13] gives the 256 pixel values probabilities that sum to 1,
+    for means inside and outside [-1, 1] and scales from 1e-3 to 2."""
+    x = (torch.arange(256, dtype=torch.float64) / 127.5 - 1)[:, None, None]  # (256, 1, 1)
+    means = torch.tensor([-1.2, -1.0, -0.3, 0.0, 0.004, 0.9, 1.1], dtype=torch.float64)
+    log_scales = torch.tensor([1e-3, 0.01, 0.1, 1.0, 2.0], dtype=torch.float64).log()
+    log_p = ddpm.discretized_gaussian_log_likelihood(x, means[:, None], log_scales[None, :])
+    assert log_p.shape == (256, 7, 5) and (log_p <= 0).all()
+    torch.testing.assert_close(log_p.exp().sum(0), torch.ones(7, 5, dtype=torch.float64))
+
+
+def test_bits_per_dim_is_vb_terms_plus_prior_with_a_fresh_x_t_per_step():
+    """bits_per_dim = sum of vb_terms + prior_bpd [Eq. 5], and column t of vb_terms is vb_term
+    at code t on its own x_t ~ q(x_t | x_0) [Eq. 4], drawn from the generator step by step."""
+    T = 20
+    d = linear_diffusion(T, 0.2)
+    x_0 = random_pixels((2, 3, 4, 4)).float()  # under 100 numbers: torch's ops stay serial
+    terms = d.vb_terms(toy_model, x_0, "fixedsmall", generator=torch.Generator().manual_seed(3))
+    assert terms.shape == (2, T) and terms.isfinite().all()
+    g = torch.Generator().manual_seed(3)
+    for t in range(T):
+        t_batch = torch.full((2,), t)
+        x_t = d.q_sample(x_0, t_batch, torch.randn(x_0.shape, generator=g))
+        by_hand = d.vb_term(toy_model, x_0, x_t, t_batch, "fixedsmall")
+        torch.testing.assert_close(terms[:, t], by_hand, atol=0, rtol=0)
+    total = d.bits_per_dim(toy_model, x_0, "fixedsmall", torch.Generator().manual_seed(3))
+    torch.testing.assert_close(total, terms.sum(1) + d.prior_bpd(x_0), atol=0, rtol=0)
+    other = d.vb_terms(toy_model, x_0, "fixedsmall", generator=torch.Generator().manual_seed(4))
+    assert (other[:, 1:] != terms[:, 1:]).all()  # another seed: other x_t at every step
+
+
+# -----------------------------------------------------------------------------
 # Part II: the networks
 # -----------------------------------------------------------------------------
 
