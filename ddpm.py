@@ -4,9 +4,9 @@ ddpm.py: Denoising Diffusion Probabilistic Models in one file.
 A faithful, readable PyTorch implementation of Ho, Jain & Abbeel, "Denoising Diffusion
 Probabilistic Models" (arXiv:2006.11239, 2020), checked against the paper's official code.
 Parts I-III are the method: read them with the paper open, or paste them alone into a notebook,
-where they train and sample. After the banner that ends Part III come the extras (two fast
-samplers, classifier-free guidance) and the engineering (progress lines, checkpoints, FID,
-signals, DDP, the command line). README.md has the commands; the main one:
+where they train, sample and measure the bound. After the banner that ends Part III come the
+extras (DDIM, classifier-free guidance) and the engineering (progress lines, checkpoints, FID and
+IS, signals, DDP, the command line). README.md has the commands; the main one:
     pip install -r requirements.txt && python ddpm.py --model res_att --epochs 100
 
 Paper symbols and their names here
@@ -39,16 +39,17 @@ Deliberate deviations from the paper (each marked NOTE(paper) where it happens)
     4. Mixed precision (bf16 autocast) on CUDA by default; --amp none for float32.
     5. The bound in bits/dim follows the official code: the decoder's variance at t = 1 is
        beta_tilde_2 (not beta_1) with "fixedlarge", and its normal CDF is a tanh approximation.
-    6. Extras the paper does not have, after the banner: DDIM (Song et al. 2021), DPM-Solver++(2M)
-       (Lu et al. 2022), classifier-free guidance (Ho & Salimans 2022; the optional label input).
+    6. Extras the paper does not have, after the banner: DDIM (Song et al. 2021) and
+       classifier-free guidance (Ho & Salimans 2022; the optional label input).
 
 Section map
     Part I   the diffusion process: linear_beta_schedule, extract, the bound's KL and decoder,
              GaussianDiffusion (q, p_theta, and the bound L in bits/dim)
     Part II  the networks: the blocks, ResAttUNet (the paper's network), ResUNet, ConvUNet
     Part III training (Alg. 1: train_step, train_iteration, train_loop), sampling (Alg. 2)
-    Extras   ddim_sample_loop, dpm_solver_sample_loop, Guided
-    Engineering: progress lines, data, checkpoints, FID, the commands, the command line
+    Extras   ddim_sample_loop, Guided
+    Engineering: progress lines, data, checkpoints, Draw (how images are drawn), FID and IS,
+             train, sample, fid, nll, compare, import, the command line
 """
 
 import argparse
@@ -170,7 +171,7 @@ class GaussianDiffusion(nn.Module):
         pv = betas * (1.0 - ac_prev) / (1.0 - ac)
         buffers = {  # each glossed with its symbol and the code that reads it
             "betas": betas,  # beta_t; p_sample (Eq. 11, and sigma_t^2 = beta_t)
-            "alphas_cumprod": ac,  # alpha_bar_t; the fast samplers after the banner
+            "alphas_cumprod": ac,  # alpha_bar_t; DDIM, after the banner
             "sqrt_alphas_cumprod": ac.sqrt(),  # sqrt(alpha_bar_t); q_sample
             "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),  # sqrt(1 - alpha_bar_t); q_sample
             "sqrt_recip_alphas": alphas.rsqrt(),  # 1 / sqrt(alpha_t); p_sample (Eq. 11)
@@ -737,12 +738,13 @@ def p_sample_loop(
 #       net = ResAttUNet(); diffusion = GaussianDiffusion(linear_beta_schedule(1000))
 #       ema = train_loop(net, diffusion, data, steps=800_000)
 #       x_0 = p_sample_loop(diffusion, ema, (64, 3, 32, 32))
-#   Below: the extras (two fast samplers, guidance), then the engineering.
+#       nll = diffusion.bits_per_dim(ema, test_images)  # (B,), Table 1's NLL
+#   Below: the extras (DDIM, guidance), then the engineering.
 # #############################################################################
 
 
 # =============================================================================
-# Extras: two fast samplers and classifier-free guidance  [not in the paper]
+# Extras: DDIM and classifier-free guidance  [not in the paper]
 # =============================================================================
 def ddim_timesteps(num_timesteps, steps):
     """The DDIM sub-sequence tau [Song et al., Sec. 4.2]: `steps` code steps
@@ -785,59 +787,6 @@ def ddim_sample_loop(diffusion, model, shape, steps, eta=0.0, clip_denoised=True
         if eta > 0 and not last:
             x_t = x_t + sigma * torch.randn(shape, generator=generator, device=device)
     return x_t
-
-
-def dpm_solver_timesteps(alphas_cumprod, steps):
-    """`steps` code steps from T-1 down to 0, evenly spaced in the log-SNR lambda_t =
-    log(sqrt(alpha_bar_t / (1 - alpha_bar_t))): each the step nearest its target, pushed apart where
-    two coincide (near t = 0)."""
-    T = len(alphas_cumprod)
-    if not 2 <= steps <= T:
-        raise ValueError(f"need 2 <= steps <= T = {T}, got {steps}")
-    ac = alphas_cumprod.double().cpu()
-    lam = 0.5 * (ac.log() - (1 - ac).log())  # lambda_t, decreasing in t
-    targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
-    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # the nearest code steps
-    for i in reversed(range(steps - 1)):  # distinct from below: ts[i] > ts[i + 1] >= 0
-        ts[i] = max(ts[i], ts[i + 1] + 1)
-    for i in range(steps):  # and from above: T-1 first
-        ts[i] = min(ts[i], T - 1 if i == 0 else ts[i - 1] - 1)
-    return ts
-
-
-@torch.inference_mode()
-def dpm_solver_sample_loop(diffusion, model, shape, steps, clip_denoised=True, x_T=None, generator=None):
-    """DPM-Solver++(2M) [Lu et al. 2022, arXiv:2211.01095, Alg. 2]: a second-order multistep
-    solver of the probability-flow ODE in the log-SNR lambda, one network evaluation per step. With
-    a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar), h = lambda_next - lambda and x_0_pred predicted
-    from eps [Eq. 15], each step is
-        x_next = (s_next / s) x - a_next (exp(-h) - 1) D,
-        D = x_0_pred + (h / (2 h_prev)) (x_0_pred - x_0_pred_prev)    (D = x_0_pred at first),
-    and the last lands on its x_0_pred, as DDIM's does. D = x_0_pred throughout would be DDIM.
-    Returns x_0."""
-    # NOTE(paper): not in the paper (Lu et al. 2022); --sampler dpm++
-    check_eval(model)
-    device = diffusion.betas.device
-    ts = dpm_solver_timesteps(diffusion.alphas_cumprod, steps)
-    ac = diffusion.alphas_cumprod.double().cpu()  # the coefficients as Python floats, read once
-    a = ac.sqrt()  # alpha_t of the paper
-    s = (1 - ac).sqrt()  # sigma_t of the paper
-    lam = (a / s).log()  # lambda_t
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-    x_0_prev = None  # the last step's x_0_pred
-    h_prev = None  # and its h
-    for i, t in enumerate(ts):
-        t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)  # (B,)
-        x_0_pred = diffusion.predict_x0_from_eps(x, t_batch, model(x, t_batch))  # [Eq. 15]
-        if clip_denoised:
-            x_0_pred = x_0_pred.clamp(-1.0, 1.0)  # NOTE(paper): as in p_sample
-        if i == len(ts) - 1:
-            return x_0_pred
-        nxt = ts[i + 1]
-        h = (lam[nxt] - lam[t]).item()
-        D = x_0_pred if x_0_prev is None else x_0_pred + h / (2 * h_prev) * (x_0_pred - x_0_prev)
-        x = (s[nxt] / s[t]).item() * x - a[nxt].item() * math.expm1(-h) * D
-        x_0_prev, h_prev = x_0_pred, h
 
 
 # --- Classifier-free guidance  [Ho & Salimans 2022, arXiv:2207.12598] -------------------------
@@ -1105,8 +1054,7 @@ def prepare_out_dir(path):
 
 @contextlib.contextmanager
 def locked(out_dir):
-    """Hold an OS lock on out_dir/train.lock while a run writes there: a second process is
-    refused. The OS drops the lock when the process ends, however it ends (SIGKILL too)."""
+    """An OS lock on out_dir/train.lock, held while a run writes there; dropped on any exit."""
     try:
         import fcntl  # POSIX
     except ImportError:  # Windows has no fcntl: there a run is not locked
@@ -1137,10 +1085,9 @@ def cache_dir():
 # --- How images are drawn: one Draw per command, and the pictures and images it makes ----------
 @dataclasses.dataclass(frozen=True)
 class Draw:
-    """How images are drawn: everything that fixes them but the network and how many. Built once
-    per command by make_draw; str(draw) is how every progress line and record says it."""
+    """How images are drawn, built once per command by make_draw; str(draw) is how lines say it."""
 
-    sampler: str  # ddpm (Alg. 2), ddim or dpm++
+    sampler: str  # ddpm (Alg. 2) or ddim
     steps: int  # network evaluations per image
     eta: float = 0.0  # DDIM's noise
     variance: str = "fixedlarge"  # ddpm's sigma_t^2
@@ -1154,14 +1101,10 @@ class Draw:
 
     def __str__(self):
         text = f"{self.sampler}, {self.steps} steps"
-        if self.sampler == "ddim":
-            text += f", eta {self.eta:g}"
-        if self.sampler == "ddpm":
-            text += f", {self.variance}"
-        if self.num_classes:
-            text += f", guidance w = {self.guidance:g}, {CLASS_WORDS.get(self.label, 'class')}"
-        if self.num_classes and self.label not in CLASS_WORDS:
-            text += f" {self.label}"
+        text += f", eta {self.eta:g}" if self.sampler == "ddim" else f", {self.variance}"
+        if self.num_classes:  # and which classes: --class K, all, or none (each in turn)
+            classes = CLASS_WORDS.get(self.label, f"class {self.label}")
+            text += f", guidance w = {self.guidance:g}, {classes}"
         return text
 
 
@@ -1170,8 +1113,7 @@ Z_STREAM = 0x9E3779B9  # seed ^ Z_STREAM seeds the noise z: never x_T's seed (a 
 
 
 def make_draw(args, config, device, amp):
-    """The Draw of a command's sampler flags, for a checkpoint's config: the one helper that reads
-    parsed flags, those that train, sample and fid share. auto: ddpm on a GPU, else DDIM, eta 1."""
+    """The Draw of train's or sample's sampler flags (the one helper that reads parsed flags)."""
     T = config["timesteps"]
     num_classes = config.get("num_classes", 0)
     label = getattr(args, "label", None)  # --class: sample's
@@ -1190,7 +1132,7 @@ def make_draw(args, config, device, amp):
     if sampler == "ddpm":
         steps = T
     elif steps is None:
-        steps = min(100 if sampler == "ddim" else 20, T)
+        steps = min(100, T)
     # sample's and fid's --batch-size; train's is its training batch, and --fid-batch-size this
     batch_size = args.fid_batch_size if args.command == "train" else args.batch_size
     return Draw(
@@ -1209,8 +1151,7 @@ def make_draw(args, config, device, amp):
 
 
 def guided(model, draw, first, n, device):
-    """The network as the samplers call it for images first..first+n-1 of a draw: itself, or guided
-    toward their classes: --class K, rows of 8 of each class (all), or each class in turn (None)."""
+    """The network for images first..first+n-1 of a draw: a conditional one guided to their class."""
     if not draw.num_classes:
         return model
     y = torch.arange(first, first + n, device=device) % draw.num_classes  # (n,): each in turn
@@ -1228,12 +1169,10 @@ def run_sampler(diffusion, model, x_T, draw, generator, progress, keep=()):
     with torch.autocast(x_T.device.type, dtype=draw.amp, enabled=draw.amp is not None):
         if draw.sampler == "ddpm":
             x_0 = p_sample_loop(diffusion, net, shape, variance=draw.variance, x_T=x_T, generator=generator)
-        elif draw.sampler == "ddim":
+        else:
             x_0 = ddim_sample_loop(
                 diffusion, net, shape, draw.steps, eta=draw.eta, x_T=x_T, generator=generator
             )
-        else:
-            x_0 = dpm_solver_sample_loop(diffusion, net, shape, draw.steps, x_T=x_T)
     return x_0, net.kept
 
 
@@ -1243,8 +1182,7 @@ def save_grid(x, path, nrow=8):
 
 
 def draw_pictures(model, diffusion, draw, path, reverse_process=False):
-    """A grid of 64 samples (a conditional draw: 8 of each class, 16 classes at most) at path; with
-    reverse_process, the reverse process of a row of them too, in reverse_process.png."""
+    """A grid of 64 samples (or 8 per class) at path; and their reverse process, if asked."""
     device = diffusion.betas.device
     n = 8 * min(draw.num_classes, 16) if draw.num_classes else 64
     x_T = torch.randn((n, *draw.shape), generator=torch.Generator().manual_seed(draw.seed)).to(device)
@@ -1263,8 +1201,7 @@ def draw_pictures(model, diffusion, draw, path, reverse_process=False):
 
 
 def generate(model, diffusion, draw, n, first=0):
-    """Images first..first+n-1 of a draw as uint8 (n, C, H, W), in whole batches; x_T drawn on the
-    CPU from draw.seed (the same on any device)."""
+    """Images first..first+n-1 of a draw as uint8 (n, C, H, W); x_T drawn on the CPU from seed."""
     device = diffusion.betas.device
     batch = min(draw.batch_size, n)
     batches = math.ceil(n / batch)
@@ -1347,8 +1284,7 @@ def inception_score(logits, splits=10):
 
 
 def fid_and_is(scoring, images, device, what):
-    """The FID of uint8 images against scoring's reference (mu, sigma), and their IS, from one pass
-    of scoring's network: {"fid", "inception_score", "inception_score_std"}."""
+    """{"fid", "inception_score", "inception_score_std"} of uint8 images, from one network pass."""
     features = image_features(scoring["network"], images, device, what)  # (N, D)
     fid = frechet_distance(features.mean(0), features.T.cov(), *scoring["reference"])
     logits = features @ scoring["classifier"].T  # (N, 1008): the classifier without its bias
@@ -1357,20 +1293,18 @@ def fid_and_is(scoring, images, device, what):
 
 
 def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
-    """(mu, sigma, where from) of --ref-stats, or of the training data (cached per files)."""
-    digest = hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
-    path = Path(ref_stats or cache_dir() / f"fid_stats_{dataset}_{size}px_{digest}.npz")
-    key = dataset  # what the cache holds the statistics of: a torchvision set, or these files
+    """(mu, sigma, where from) of --ref-stats, or of the training data (cached: see the key)."""
+    key = f"{dataset} {Path(data_dir).resolve()} {size}px"
     if dataset == "folder" and not ref_stats:
         stats = [p.stat() for p in image_files(Path(data_dir))]
-        key = f"{len(stats)} files, {sum(s.st_size for s in stats)} bytes, last changed "
-        key += str(max(s.st_mtime for s in stats))
+        key += f" {len(stats)} files, {sum(s.st_size for s in stats)} bytes, {max(s.st_mtime for s in stats)}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    path = Path(ref_stats or cache_dir() / f"fid_stats_{dataset}_{size}px_{digest}.npz")
     if ref_stats or path.is_file():
         try:
             with np.load(path) as f:
                 mu = f["mu"]
                 sigma = f["sigma"]
-                cached = str(f.get("files", ""))
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"--ref-stats {path}: not an npz of mu and sigma ({first_line(e)})")
         with torch.no_grad():  # the network's features: as many as the reference's, and finite
@@ -1378,16 +1312,14 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
         finite = np.isfinite(mu).all() and np.isfinite(sigma).all()
         if mu.shape != (D,) or sigma.shape != (D, D) or not finite:
             raise UserError(f"{path}: mu and sigma must be finite, of the network's {D} features")
-        if ref_stats or cached == key:
-            where = f"statistics in {path}"
-            return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), where
+        return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"statistics in {path}"
     images = load_dataset(dataset, data_dir, size)[0]
     mu, sigma = feature_statistics(network, images, device, f"the {dataset} training set")
     where = f"{len(images):,} {dataset} training images"
     tmp = path.with_suffix(".tmp.npz")
     try:  # whole or not at all; a cache that cannot be written: not cached
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy(), files=key)
+        np.savez(tmp, mu=mu.numpy(), sigma=sigma.numpy())
         os.replace(tmp, path)
         where += f", cached in {path}"
     except OSError:
@@ -1411,8 +1343,7 @@ def sample_fid(scoring, model, diffusion, draw, n, procs):
 
 
 def fid_scoring(dataset, data_dir, ref_stats, size, device):
-    """What FID and IS are measured with: {"network", "classifier", "reference" (mu, sigma),
-    "where" (the reference's origin)}; the network and the reference first, their errors too."""
+    """{"network", "classifier", "reference", "where"}: what FID and IS are measured with."""
     network, classifier = inception(device)  # first: a missing package or file stops here
     mu, sigma, where = reference_statistics(
         dataset, data_dir, ref_stats=ref_stats, size=size, network=network, device=device
@@ -1509,8 +1440,7 @@ ONE_PROCESS = dict(rank=0, world=1, device=torch.device("cpu"))  # a command's t
 
 
 def agree(numbers, procs):
-    """Each number as its maximum over the processes, so that all take the same decisions. procs:
-    the processes of a run, {"rank" (this one's), "world" (how many), "device" (this one's)}."""
+    """Each number's maximum over procs {"rank", "world", "device"}: all decide alike."""
     if procs["world"] == 1:
         return numbers
     numbers = torch.tensor(numbers, device=procs["device"])
@@ -1606,9 +1536,7 @@ def log_fid(file, wandb, row):
 
 
 def run_draws(draw, auto, T):
-    """A run's draws from its flags' draw: {"grid" (a conditional model's: a row of 8 per class),
-    "fid" (each class in turn; auto: DDIM, eta 1, 100 steps, which tracked the 1000-step
-    sampler's FID best)}."""
+    """{"grid", "fid"}: a run's draws (auto's FID: DDIM, eta 1, 100 steps, tracked ddpm's best)."""
     grid = dataclasses.replace(draw, label="all") if draw.num_classes else draw
     fid = dataclasses.replace(draw, sampler="ddim", steps=min(100, T), eta=1.0) if auto else draw
     return dict(grid=grid, fid=fid)
@@ -1636,9 +1564,7 @@ def train(args):
     out_dir = Path(args.out_dir or f"runs/{args.model or PAPER['model']}")
     ckpt_path = out_dir / "ckpt.pt"
     ckpt, config = open_run(ckpt_path, args.resume, {key: getattr(args, key) for key in PAPER})
-    wandb = None
-    if args.wandb and rank == 0:
-        wandb = optional("wandb", "wandb", "--wandb")
+    wandb = optional("wandb", "wandb", "--wandb") if args.wandb and rank == 0 else None
     if rank == 0:
         prepare_out_dir(out_dir)
     # the images, and their classes for a class-conditional run (guidance: not in the paper)
@@ -1806,8 +1732,7 @@ def measure_fid(args):
     print(
         f"FID {record['fid']:.2f}, IS {record['inception_score']:.2f} ± {record['inception_score_std']:.2f}"
     )
-    for key, value in record.items():
-        print(f"  {key:<19} {value}")
+    print(*[f"  {key:<19} {value}" for key, value in record.items()], sep="\n")
     if len(images) < 50_000:
         print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
     add_record(folder.parent / "fid.json", record)
@@ -1815,85 +1740,57 @@ def measure_fid(args):
 
 
 def measure_nll(args):
-    """nll: the variational bound [Eq. 5] in bits/dim of a checkpoint's EMA weights on the test
-    images, its terms as the paper's Sec. 4.3 splits them; added to nll.json."""
+    """nll: the variational bound L [Eq. 5] in bits/dim of a checkpoint's EMA weights on the test
+    images, split as the paper's Sec. 4.3 splits it; added to nll.json beside the checkpoint."""
     device, _ = setup_device(args.device, "none")  # float32: the bound's small terms need it
     model, diffusion, config = load_sampler(args.ckpt, device, args.compile)
     dataset = args.dataset or config["dataset"]
     if dataset == "folder" and not args.data_dir:
         raise UserError("nll of a folder dataset: name its test images with --data-dir DIR")
     data_dir = args.data_dir or config["data_dir"]
-    split = "test"
-    if dataset == "folder":
-        split = f"the images of {data_dir}"
     images = load_dataset(dataset, data_dir, config["image_size"], args.num_images, train=False)[0]
     if images.shape[1] != config["channels"]:
-        what = f"{images.shape[1]} channel(s) where the model has {config['channels']}"
-        raise UserError(f"--data-dir {data_dir}: {what}; name images like its training set's")
+        raise UserError(
+            f"--data-dir {data_dir}: {images.shape[1]} channel(s), the model {config['channels']}"
+        )
     n = len(images)
     T = diffusion.num_timesteps
     batches = math.ceil(n / args.batch_size)
     progress = Progress(f"nll of {n:,} images, {T} network calls each", batches * T, n / batches / T)
     generator = torch.Generator(device).manual_seed(args.seed)  # one fresh x_t per image and t
-    terms = []  # per image: L_0, L_1, ..., L_{T-1}, L_T in bits/dim
     started = time.time()
+    terms = []  # per image: L_0, L_1, ..., L_{T-1}, then L_T, in bits/dim
     for batch in images.split(args.batch_size):
         x_0 = batch.to(device).float() / 127.5 - 1  # no dequantisation noise, as the paper's
-        steps = diffusion.vb_terms(
-            Watched(model, progress), x_0, variance=args.variance, generator=generator
-        )  # (B, T)
-        prior = diffusion.prior_bpd(x_0)  # (B,)
-        terms.append(torch.cat([steps, prior[:, None]], dim=1).double().cpu())  # (B, T + 1)
+        steps = diffusion.vb_terms(Watched(model, progress), x_0, variance=args.variance, generator=generator)
+        terms.append(
+            torch.cat([steps, diffusion.prior_bpd(x_0)[:, None]], dim=1).double().cpu()
+        )  # (B, T + 1)
     terms = torch.cat(terms)  # (n, T + 1)
-    total = terms.sum(1)  # (n,): the bound of each image
+    total = terms.sum(1)  # (n,): each image's bound
     if not total.isfinite().all():
         raise UserError(f"the bound of {args.ckpt} is not finite: are its weights finite?")
-    stderr = 0.0
-    if n > 1:
-        stderr = float(total.std() / math.sqrt(n))
-    record = dict(bits_per_dim=round(float(total.mean()), 6), stderr=round(stderr, 6), images=n)
-    record.update(split=split, dataset=dataset, variance=args.variance, step=config["step"])
-    record.update(seed=args.seed, checkpoint=str(args.ckpt))
-    record.update(L_0=round(float(terms[:, 0].mean()), 6))  # distortion [Sec. 4.3]
-    record.update(L_1_to_L_T_minus_1=round(float(terms[:, 1:T].sum(1).mean()), 6))
-    record.update(L_T=round(float(terms[:, T].mean()), 6))
+    stderr = float(total.std() / math.sqrt(n)) if n > 1 else 0.0
+    record = dict(bits_per_dim=round(float(total.mean()), 5), stderr=round(stderr, 5), images=n)
+    record.update(split="test", dataset=dataset, data_dir=str(data_dir), variance=args.variance)
+    record.update(step=config["step"], seed=args.seed, checkpoint=str(args.ckpt))
+    record.update(L_0=round(float(terms[:, 0].mean()), 5), L_T=round(float(terms[:, T].mean()), 6))
+    record.update(L_1_to_L_T=round(float(terms[:, 1:].sum(1).mean()), 5))  # the rate [Sec. 4.3]
     record.update(seconds=round(time.time() - started, 1))
-    rate = record["L_1_to_L_T_minus_1"] + record["L_T"]
-    print(f"NLL <= {record['bits_per_dim']:.4f} bits/dim (standard error {stderr:.4f}, {n:,} images)")
-    print(f"  distortion L_0            {record['L_0']:.4f}")
-    print(f"  rate L_1 + ... + L_T      {rate:.4f}")
-    print(f"    of which L_T            {record['L_T']:.6f}")
-    path = Path(args.ckpt).parent / "nll.json"  # beside the checkpoint
-    add_record(path, record)
-    print(f"added to {path}")
-
-
-def draw_forward_process(args):
-    """forward: rows of x_0, then x_t at t = T/10, ..., T with one eps [Eq. 4]."""
-    images = load_dataset(args.dataset, args.data_dir, args.image_size, args.num_images)[0]
-    x_0 = images.float() / 127.5 - 1  # (n, C, H, W)
-    n = len(images)
-    T = args.timesteps
-    diffusion = GaussianDiffusion(linear_beta_schedule(T))
-    steps = [max(0, T * k // 10 - 1) for k in range(1, 11)]  # code t of paper t = T/10, ..., T
-    noise = torch.randn(x_0.shape, generator=torch.Generator().manual_seed(args.seed))
-    columns = [x_0] + [diffusion.q_sample(x_0, torch.full((n,), t), noise) for t in steps]
-    prepare_out_dir(Path(args.out_dir))
-    path = Path(args.out_dir) / "forward_process.png"
-    save_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=11)  # (n * 11, C, H, W)
-    print(f"wrote {path}: {n} images, columns x_0 then t = {', '.join(str(t + 1) for t in steps)}")
+    print(f"NLL <= {record['bits_per_dim']:.4f} bits/dim (standard error {stderr:.4f}, {n:,} test images)")
+    print(f"  distortion L_0: {record['L_0']:.4f}; rate L_1 + ... + L_T: {record['L_1_to_L_T']:.4f}")
+    add_record(Path(args.ckpt).parent / "nll.json", record)
+    print(f"added to {Path(args.ckpt).parent / 'nll.json'}")
 
 
 def read_run(folder):
-    """A run's curves by training images seen: {"seen", "loss"} of log.csv's rows (the last row
-    of a step logged twice) and {"fid_seen", "fid"} of fid.csv's; its batch size from ckpt.pt."""
+    """{"seen", "loss", "fid_seen", "fid"}: a run's curves by training images seen."""
     if not (folder / "log.csv").is_file():
         raise UserError(f"{folder / 'log.csv'} does not exist")
     batch_size = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]["batch_size"]
-    rows = {}
+    rows = {"log.csv": [], "fid.csv": []}
     try:
-        for name in ("log.csv", "fid.csv"):
-            rows[name] = []
+        for name in rows:
             if (folder / name).exists():
                 with open(folder / name, newline="") as f:
                     rows[name] = list(csv.DictReader(f))
@@ -1909,11 +1806,9 @@ def read_run(folder):
 
 
 def compare_runs(args):
-    """compare: runs' mean losses over up to 8 stretches of training images seen, and their FIDs;
-    --plot: the curves."""
-    plt = None  # matplotlib before any output: without it, its one line alone
-    if args.plot:
-        plt = optional("matplotlib.pyplot", "matplotlib", "--plot")
+    """compare: runs' mean losses over 8 stretches of images seen, their FIDs; --plot: curves."""
+    # matplotlib before any output: without it, its one line alone
+    plt = optional("matplotlib.pyplot", "matplotlib", "--plot") if args.plot else None
     runs = {Path(folder): read_run(Path(folder)) for folder in args.runs}
     last = min(int(run["seen"].max()) for run in runs.values())
     stretches = min(8, min(len(run["seen"]) for run in runs.values()))  # no more than log rows
@@ -1984,16 +1879,10 @@ def read_json(path):
 
 def diffusers_config(folder):
     """(our config, weights file) of a diffusers UNet2DModel or pipeline folder."""
-    unet = folder
-    if (folder / "unet").is_dir():
-        unet = folder / "unet"
+    unet = folder / "unet" if (folder / "unet").is_dir() else folder  # a pipeline's, or the folder
     unet_config = read_json(unet / "config.json")
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    if not scheduler.is_file():
-        scheduler = folder / "scheduler_config.json"
-    schedule = {}  # none: the paper's, assumed
-    if scheduler.is_file():
-        schedule = read_json(scheduler)
+    schedulers = [folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"]
+    schedule = next((read_json(p) for p in schedulers if p.is_file()), {})  # none: the paper's
     wrong = [(k, unet_config.get(k)) for k, v in PAPER_UNET.items() if unet_config.get(k, v) != v]
     wrong += [(k, schedule[k]) for k, v in LINEAR.items() if schedule.get(k, v) != v]
     if unet_config.get("_class_name") != "UNet2DModel":
@@ -2031,8 +1920,7 @@ def read_weights(path):
 
 
 def download(name):
-    """The folder of a model on the Hugging Face Hub (e.g. google/ddpm-cifar10-32), downloaded
-    once into its cache: its configurations and weights only."""
+    """The folder of a Hub model (e.g. google/ddpm-cifar10-32): its configurations and weights."""
     hub = optional("huggingface_hub", "huggingface_hub", f"import {name} (not a folder here)")
     files = ["*.json", "*.safetensors", "*.bin"]
     print(f"{name} is not a folder here: downloading it from the Hugging Face Hub")
@@ -2118,8 +2006,7 @@ def class_label(text):
 
 @dataclasses.dataclass(frozen=True)
 class Flag:
-    """A command-line flag. type: a list gives the choices, bool makes a switch; help ends with
-    "paper: X" where that matters; more: other argparse keywords."""
+    """A flag. type: a list gives choices, bool a switch; more: other argparse keywords."""
 
     name: str
     type: object
@@ -2171,10 +2058,10 @@ RUNTIME_FLAGS = [
 ]
 GUIDANCE_HELP = "classifier-free guidance w, for class-conditional models: eps = (1 + w) "
 GUIDANCE_HELP += "eps(x, y) - w eps(x); diffusers' guidance_scale is 1 + w"
-SAMPLERS = ["auto", "ddpm", "ddim", "dpm++"]
+SAMPLERS = ["auto", "ddpm", "ddim"]
 SAMPLER_FLAGS = [
     Flag("--sampler", SAMPLERS, "auto: ddpm on CUDA, else ddim eta 1", default="auto"),
-    Flag("--sample-steps", STEPS, "ddim and dpm++ steps; None: 100 for ddim, 20 for dpm++"),
+    Flag("--sample-steps", STEPS, "ddim's steps; None: 100"),
     Flag("--eta", FRACTION, "DDIM noise: 0 deterministic, 1 DDPM-like", default=0.0),
     Flag("--variance", ["fixedlarge", "fixedsmall"], "sigma_t^2: beta or beta~", default="fixedlarge"),
     Flag("--guidance", bounded(float, 0, 100), GUIDANCE_HELP, default=0.5),
@@ -2222,12 +2109,6 @@ NLL_FLAGS = [
     Flag("--batch-size", BATCH, "images per batch, each taking T network calls", default=100),
     *pick(SAMPLER_FLAGS, ["variance"]),
 ]
-FORWARD_FLAGS = [
-    *pick(RUN_FLAGS, ["image_size", "timesteps", "dataset", "data_dir"]),
-    *pick(RUNTIME_FLAGS, ["seed"]),
-    Flag("--num-images", bounded(int, 1, 10**4), "rows, one image each", default=8),
-    Flag("--out-dir", str, "writes forward_process.png there", default="runs"),
-]
 IMPORT_FLAGS = [
     Flag("--out-dir", str, "where ckpt.pt goes", default="runs/imported"),
     *pick(RUN_FLAGS, ["dataset", "data_dir"]),
@@ -2235,27 +2116,18 @@ IMPORT_FLAGS = [
 
 
 def add_flags(parser, title, flags, decided=""):
-    """Add a group of flags (a table of Flag); decided: who decides the flags not typed."""
+    """Add a group of flags (a list of Flag); decided: who decides the flags not typed."""
     group = parser.add_argument_group(title)
     for flag in flags:
-        kwargs = dict(flag.more)
+        kwargs = dict(flag.more, type=flag.type)
+        if isinstance(flag.type, list):
+            kwargs = dict(flag.more, choices=flag.type)
         if flag.type is bool:
-            kwargs.update(action="store_true")
-        elif isinstance(flag.type, list):
-            kwargs.update(choices=flag.type)
-        else:
-            kwargs.update(type=flag.type)
-        text = flag.help
-        if flag.type is not bool and isinstance(flag.default, list):
-            text += f" (default: {','.join(map(str, flag.default))}{decided})"
-        elif flag.type is not bool:
-            text += f" (default: {flag.default}{decided})"
-        default = flag.default
-        if flag.type is bool:
-            default = False
-        if decided:
-            default = None
-        group.add_argument(flag.name, default=default, help=text, **kwargs)
+            kwargs = dict(flag.more, action="store_true")
+        shown = ",".join(map(str, flag.default)) if isinstance(flag.default, list) else flag.default
+        text = flag.help if flag.type is bool else f"{flag.help} (default: {shown}{decided})"
+        default = False if flag.type is bool else flag.default
+        group.add_argument(flag.name, default=None if decided else default, help=text, **kwargs)
 
 
 def build_parser():
@@ -2265,8 +2137,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     commands = {}
     for name, command in COMMANDS.items():
-        what = command["help"]
-        commands[name] = sub.add_parser(name, allow_abbrev=False, help=what, description=what)
+        commands[name] = sub.add_parser(
+            name, allow_abbrev=False, help=command["help"], description=command["help"]
+        )
     add_flags(commands["train"], "the run", RUN_FLAGS, decided="; --resume: the run's")
     for name, flags in (("train", TRAIN_FLAGS), ("sample", SAMPLE_FLAGS)):
         add_flags(commands[name], "runtime", RUNTIME_FLAGS)
@@ -2275,7 +2148,6 @@ def build_parser():
     add_flags(commands["fid"], "fid", FID_FLAGS)
     add_flags(commands["nll"], "runtime", pick(RUNTIME_FLAGS, ["device", "seed", "compile"]))
     add_flags(commands["nll"], "nll", NLL_FLAGS)
-    add_flags(commands["forward"], "forward", FORWARD_FLAGS)
     commands["import"].add_argument("folder", help="diffusers' UNet2DModel or pipeline folder, or a Hub name")
     add_flags(commands["import"], "import", IMPORT_FLAGS)
     commands["compare"].add_argument("runs", nargs="+", help="run folders, each with its log.csv")
@@ -2290,7 +2162,6 @@ COMMANDS = {  # name: its function and its help
     "sample": dict(run=write_samples, help="generate images from a checkpoint"),
     "fid": dict(run=measure_fid, help="the FID and IS of sample's images"),
     "nll": dict(run=measure_nll, help="the variational bound in bits/dim on the test images"),
-    "forward": dict(run=draw_forward_process, help="picture the forward (noising) process"),
     "compare": dict(run=compare_runs, help="compare the loss and FID curves of runs"),
     "import": dict(run=import_weights, help="the paper's released weights, from diffusers' format"),
 }
@@ -2305,10 +2176,8 @@ def parse_args(argv):
 
 def main(argv=None):
     """Run a command: 0, 2 for bad input (one line; rank 0's) or 130 for Ctrl-C."""
-    if argv is None:
-        argv = sys.argv[1:]
     try:
-        args = parse_args(argv)
+        args = parse_args(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command]["run"](args) or 0
     except UserError as e:
         message = f"error: {e}"

@@ -45,7 +45,7 @@ def main():
     p.add_argument("--dataset", default="FashionMNIST")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--weights", default="0,0.5,1,2,3,5")
-    p.add_argument("--sampler", default="dpm++")
+    p.add_argument("--sampler", default="ddim")
     p.add_argument("--out-dir", default="runs/guidance-quality")
     args = p.parse_args()
     cfg = torch.load(args.ckpt, map_location="cpu", weights_only=True)["config"]

@@ -28,7 +28,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ddpm  # noqa: E402
 
-RUNS = "ddpm ddim:10 ddim:20 ddim:50 dpm++:10 dpm++:20 dpm++:50"  # sampler[:steps[:eta]]
+RUNS = "ddpm ddim:10 ddim:20 ddim:50 ddim:100:1"  # sampler[:steps[:eta]]
 
 
 def images(name, data_dir, size, train):
