@@ -896,13 +896,12 @@ def load_dataset(name, data_dir, image_size, max_images=None, train=True):
     """(uint8 images (N, C, S, S), labels, classes) of a torchvision set's split, or a folder."""
     if name == "folder":
         return load_image_folder(Path(data_dir), image_size, max_images)
-    split = "training" if train else "test"
     try:
         dataset = getattr(torchvision.datasets, TORCHVISION_DATASETS[name])
         ds = dataset(data_dir, train=train, download=True)
     except Exception as e:  # no internet, a proxy, a full disk: all end the same way
         fix = f"put torchvision's {name} files there, or use --dataset folder --data-dir DIR"
-        what = f"{name}'s {split} images into --data-dir {data_dir}"
+        what = f"{name}'s {'training' if train else 'test'} images into --data-dir {data_dir}"
         raise UserError(f"could not get {what} ({first_line(e)}); {fix}")
     keep = evenly_spaced(len(ds.data), max_images)
     x = torch.as_tensor(np.asarray(ds.data))[keep]  # CIFAR-10: (N, 32, 32, 3); MNIST: (N, 28, 28)
@@ -1077,11 +1076,6 @@ def add_record(path, record):
     os.replace(tmp, path)
 
 
-def cache_dir():
-    """Where computed FID references are kept: $XDG_CACHE_HOME/ddpm.py, or ~/.cache/ddpm.py."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm.py"
-
-
 # --- How images are drawn: one Draw per command, and the pictures and images it makes ----------
 @dataclasses.dataclass(frozen=True)
 class Draw:
@@ -1133,7 +1127,7 @@ def make_draw(args, config, device, amp):
         steps = T
     elif steps is None:
         steps = min(100, T)
-    # sample's and fid's --batch-size; train's is its training batch, and --fid-batch-size this
+    # sample's --batch-size; train's is its training batch, and --fid-batch-size its draws
     batch_size = args.fid_batch_size if args.command == "train" else args.batch_size
     return Draw(
         sampler,
@@ -1237,6 +1231,9 @@ def inception(device):
         where = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
         fix = f"put {FID_WEIGHTS} (pytorch-fid's GitHub releases) at {where}"
         raise UserError(f"pytorch-fid could not get its Inception weights ({first_line(e)}); {fix}")
+    if not classifier.any():  # a weights file rebuilt without the classifier: no IS from it
+        print(f"note: {FID_WEIGHTS} holds no classifier (all zero): IS is nan; FID is unaffected")
+        classifier = torch.full_like(classifier, math.nan)
     return network, classifier
 
 
@@ -1293,13 +1290,14 @@ def fid_and_is(scoring, images, device, what):
 
 
 def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
-    """(mu, sigma, where from) of --ref-stats, or of the training data (cached: see the key)."""
+    """(mu, sigma, where from) of --ref-stats, or of the training data, cached in ~/.cache/ddpm.py."""
     key = f"{dataset} {Path(data_dir).resolve()} {size}px"
     if dataset == "folder" and not ref_stats:
         stats = [p.stat() for p in image_files(Path(data_dir))]
         key += f" {len(stats)} files, {sum(s.st_size for s in stats)} bytes, {max(s.st_mtime for s in stats)}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    path = Path(ref_stats or cache_dir() / f"fid_stats_{dataset}_{size}px_{digest}.npz")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm.py"
+    path = Path(ref_stats or cache / f"fid_stats_{dataset}_{size}px_{digest}.npz")
     if ref_stats or path.is_file():
         try:
             with np.load(path) as f:
@@ -1434,9 +1432,6 @@ def stop_on_signals():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-ONE_PROCESS = dict(rank=0, world=1, device=torch.device("cpu"))  # a command's that runs alone
 
 
 def agree(numbers, procs):
@@ -1583,9 +1578,8 @@ def train(args):
     torch.manual_seed(args.seed)  # the same initial weights on every process
     recipe = {key: getattr(args, key) for key in ("lr", "warmup", "grad_clip", "ema_decay")}
     training, diffusion, model = build_training(config, device, amp, args.compile, world=world, **recipe)
-    draws = run_draws(
-        make_draw(args, config, device, amp), auto=args.sampler == "auto", T=config["timesteps"]
-    )
+    draw = make_draw(args, config, device, amp)
+    draws = run_draws(draw, auto=args.sampler == "auto", T=config["timesteps"])
     config.update(sampler=str(draws["grid"]), fid_sampler=str(draws["fid"]))
     scoring = None  # rank 0's: the network and the reference first, their errors too
     if args.fid_every and rank == 0:
@@ -1646,16 +1640,16 @@ def train(args):
                 saved_at = time.time()
             if due["grid"] and rank == 0:
                 (out_dir / "grids").mkdir(exist_ok=True)
-                path = out_dir / "grids" / f"epoch_{due['epoch']:04d}.png"
-                draw_pictures(training.ema, diffusion, draws["grid"], path)
+                grid_path = out_dir / "grids" / f"epoch_{due['epoch']:04d}.png"
+                draw_pictures(training.ema, diffusion, draws["grid"], grid_path)
             if due["fid"]:  # a share of the samples each
                 scores = sample_fid(
                     scoring, training.ema, diffusion, draws["fid"], n=args.fid_samples, procs=procs
                 )
                 if rank == 0:
-                    row = dict(step=step, images_seen=step * B, **scores, samples=args.fid_samples)
-                    row.update(sampler=config["fid_sampler"], seconds=time.time() - now)
-                    log_fid(fid_log, wandb, row)
+                    fid_row = dict(step=step, images_seen=step * B, **scores, samples=args.fid_samples)
+                    fid_row.update(sampler=config["fid_sampler"], seconds=time.time() - now)
+                    log_fid(fid_log, wandb, fid_row)
             away += time.time() - now  # checkpoints, grids and FID
 
     # --- Finish: a stopped run says how to go on; a finished one draws its final pictures
@@ -1759,14 +1753,13 @@ def measure_nll(args):
     progress = Progress(f"nll of {n:,} images, {T} network calls each", batches * T, n / batches / T)
     generator = torch.Generator(device).manual_seed(args.seed)  # one fresh x_t per image and t
     started = time.time()
-    terms = []  # per image: L_0, L_1, ..., L_{T-1}, then L_T, in bits/dim
+    per_batch = []  # per image: L_0, L_1, ..., L_{T-1}, then L_T, in bits/dim
     for batch in images.split(args.batch_size):
         x_0 = batch.to(device).float() / 127.5 - 1  # no dequantisation noise, as the paper's
         steps = diffusion.vb_terms(Watched(model, progress), x_0, variance=args.variance, generator=generator)
-        terms.append(
-            torch.cat([steps, diffusion.prior_bpd(x_0)[:, None]], dim=1).double().cpu()
-        )  # (B, T + 1)
-    terms = torch.cat(terms)  # (n, T + 1)
+        prior = diffusion.prior_bpd(x_0)  # (B,): L_T
+        per_batch.append(torch.cat([steps, prior[:, None]], dim=1).double().cpu())  # (B, T + 1)
+    terms = torch.cat(per_batch)  # (n, T + 1)
     total = terms.sum(1)  # (n,): each image's bound
     if not total.isfinite().all():
         raise UserError(f"the bound of {args.ckpt} is not finite: are its weights finite?")
@@ -1939,7 +1932,7 @@ def import_weights(args):
     config, path = diffusers_config(folder)
     config.update(dataset=args.dataset, data_dir=args.data_dir, num_classes=0, batch_size=128)
     theirs = read_weights(path)
-    state = {}  # our weights, by our names
+    weights = {}  # ours, by our names
     net = build_model(config)
     for name, ours in net.state_dict().items():
         source = name
@@ -1953,14 +1946,15 @@ def import_weights(args):
         if tensor is None or tensor.shape not in (ours.shape, ours.shape[:2]):
             shape = tuple(ours.shape)
             raise UserError(f"{path}: {source} is missing, or does not fit our {name} {shape}")
-        state[name] = tensor.reshape(ours.shape)  # a linear layer's (C, C) as a 1x1 conv's
+        weights[name] = tensor.reshape(ours.shape)  # a linear layer's (C, C) as a 1x1 conv's
     if theirs:
         raise UserError(f"{path}: {next(iter(theirs))} has no place in the paper's network")
-    net.load_state_dict(state)
+    net.load_state_dict(weights)
     out_dir = Path(args.out_dir)
     prepare_out_dir(out_dir)
     state = dict(config=dict(config, imported_from=str(path)), step=0, elapsed=0.0)
-    checkpoint(out_dir / "ckpt.pt", make_training(net), state, saved_step=0, procs=ONE_PROCESS)
+    alone = dict(rank=0, world=1, device=torch.device("cpu"))  # the processes: this one
+    checkpoint(out_dir / "ckpt.pt", make_training(net), state, saved_step=0, procs=alone)
     print(f"wrote {out_dir / 'ckpt.pt'}: {count_parameters(net):,} parameters from {path}")
 
 
