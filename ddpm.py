@@ -1780,6 +1780,8 @@ def read_run(folder):
     """{"seen", "loss", "fid_seen", "fid"}: a run's curves by training images seen."""
     if not (folder / "log.csv").is_file():
         raise UserError(f"{folder / 'log.csv'} does not exist")
+    if not (folder / "ckpt.pt").is_file():  # the run's batch size, to count the images seen
+        raise UserError(f"{folder} holds no ckpt.pt, whose batch size compare needs")
     batch_size = load_checkpoint(folder / "ckpt.pt", mmap=True)["config"]["batch_size"]
     rows = {"log.csv": [], "fid.csv": []}
     try:

@@ -2046,6 +2046,8 @@ def test_compare_tabulates_loss_curves_by_images_seen(tmp_path, capsys):
     assert lines[2].split() == ["80-160", "35.0000", "20.0000"]  # b: step 10, 160 images
     assert lines[-1].split() == ["560-640", "155.0000", "80.0000"]
     expect_error(["compare", str(tmp_path / "missing")], "log.csv", capsys=capsys)
+    (tmp_path / "a" / "ckpt.pt").unlink()  # its batch size: the images seen cannot be counted
+    expect_error(["compare", str(tmp_path / "a")], "holds no ckpt.pt", capsys=capsys)
 
 
 # -----------------------------------------------------------------------------
