@@ -1148,9 +1148,10 @@ def guided(model, draw, first, n, device):
     """The network for images first..first+n-1 of a draw: a conditional one guided to their class."""
     if not draw.num_classes:
         return model
-    y = torch.arange(first, first + n, device=device) % draw.num_classes  # (n,): each in turn
+    index = torch.arange(first, first + n, device=device)  # (n,): the images' numbers in the draw
+    y = index % draw.num_classes  # each class in turn
     if draw.label == "all":
-        y = torch.arange(first, first + n, device=device) // 8 % draw.num_classes
+        y = index // 8 % draw.num_classes  # rows of 8 per class
     if draw.label not in (None, "all"):
         y = torch.full((n,), draw.label, device=device)
     return Guided(model, y, draw.guidance, draw.num_classes)
@@ -1666,7 +1667,7 @@ def train(args):
     return 130 if due["stop"] else 0
 
 
-# --- sample, fid, nll, forward, compare: the other commands -------------------------------------
+# --- sample, fid, nll, compare: the other commands ---------------------------------------------
 def load_sampler(path, device, compile_mode=None):
     """(model, diffusion, config) of a checkpoint: its EMA weights, in eval() mode."""
     ckpt = load_checkpoint(path)
@@ -1723,9 +1724,8 @@ def measure_fid(args):
     record.update(inception_score_std=round(scores["inception_score_std"], 4))
     record.update(reference=scoring["where"], network=FID_NETWORK)
     record.update(seconds=round(time.time() - started, 1))  # after the reference
-    print(
-        f"FID {record['fid']:.2f}, IS {record['inception_score']:.2f} ± {record['inception_score_std']:.2f}"
-    )
+    score = f"IS {record['inception_score']:.2f} ± {record['inception_score_std']:.2f}"
+    print(f"FID {record['fid']:.2f}, {score}")
     print(*[f"  {key:<19} {value}" for key, value in record.items()], sep="\n")
     if len(images) < 50_000:
         print(f"note: FID from {len(images):,} images reads higher than from the 50,000 of papers")
@@ -1744,9 +1744,8 @@ def measure_nll(args):
     data_dir = args.data_dir or config["data_dir"]
     images = load_dataset(dataset, data_dir, config["image_size"], args.num_images, train=False)[0]
     if images.shape[1] != config["channels"]:
-        raise UserError(
-            f"--data-dir {data_dir}: {images.shape[1]} channel(s), the model {config['channels']}"
-        )
+        what = f"{images.shape[1]} channel(s), the model {config['channels']}"
+        raise UserError(f"--data-dir {data_dir}: {what}")
     n = len(images)
     T = diffusion.num_timesteps
     batches = math.ceil(n / args.batch_size)
@@ -1756,9 +1755,10 @@ def measure_nll(args):
     per_batch = []  # per image: L_0, L_1, ..., L_{T-1}, then L_T, in bits/dim
     for batch in images.split(args.batch_size):
         x_0 = batch.to(device).float() / 127.5 - 1  # no dequantisation noise, as the paper's
-        steps = diffusion.vb_terms(Watched(model, progress), x_0, variance=args.variance, generator=generator)
+        watched = Watched(model, progress)  # T calls on the batch [Eq. 5]: L_0 .. L_{T-1}, (B, T)
+        vb = diffusion.vb_terms(watched, x_0, variance=args.variance, generator=generator)
         prior = diffusion.prior_bpd(x_0)  # (B,): L_T
-        per_batch.append(torch.cat([steps, prior[:, None]], dim=1).double().cpu())  # (B, T + 1)
+        per_batch.append(torch.cat([vb, prior[:, None]], dim=1).double().cpu())  # (B, T + 1)
     terms = torch.cat(per_batch)  # (n, T + 1)
     total = terms.sum(1)  # (n,): each image's bound
     if not total.isfinite().all():
