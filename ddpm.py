@@ -1284,7 +1284,7 @@ def inception_score(logits, splits=10):
 def fid_and_is(scoring, images, device, what):
     """{"fid", "inception_score", "inception_score_std"} of uint8 images, from one network pass."""
     features = image_features(scoring["network"], images, device, what)  # (N, D)
-    fid = frechet_distance(features.mean(0), features.T.cov(), *scoring["reference"])
+    fid = frechet_distance(features.mean(0), features.T.cov(), scoring["mu"], scoring["sigma"])
     logits = features @ scoring["classifier"].T  # (N, 1008): the classifier without its bias
     score, spread = inception_score(logits)
     return dict(fid=fid, inception_score=score, inception_score_std=spread)
@@ -1312,7 +1312,7 @@ def reference_statistics(dataset, data_dir, ref_stats, size, network, device):
         if mu.shape != (D,) or sigma.shape != (D, D) or not finite:
             raise UserError(f"{path}: mu and sigma must be finite, of the network's {D} features")
         return torch.from_numpy(mu).double(), torch.from_numpy(sigma).double(), f"statistics in {path}"
-    images = load_dataset(dataset, data_dir, size)[0]
+    images, _, _ = load_dataset(dataset, data_dir, size)  # the images, not their labels
     mu, sigma = feature_statistics(network, images, device, f"the {dataset} training set")
     where = f"{len(images):,} {dataset} training images"
     tmp = path.with_suffix(".tmp.npz")
@@ -1342,12 +1342,12 @@ def sample_fid(scoring, model, diffusion, draw, n, procs):
 
 
 def fid_scoring(dataset, data_dir, ref_stats, size, device):
-    """{"network", "classifier", "reference", "where"}: what FID and IS are measured with."""
+    """{"network", "classifier", "mu", "sigma", "where"}: what FID and IS are measured with."""
     network, classifier = inception(device)  # first: a missing package or file stops here
     mu, sigma, where = reference_statistics(
         dataset, data_dir, ref_stats=ref_stats, size=size, network=network, device=device
     )
-    return dict(network=network, classifier=classifier, reference=(mu, sigma), where=where)
+    return dict(network=network, classifier=classifier, mu=mu, sigma=sigma, where=where)
 
 
 # --- train: Part III's iteration with checkpoints, resume, logs, signals, NaN guards and DDP ---
@@ -1715,7 +1715,7 @@ def measure_fid(args):
     """fid: the FID and IS of the images in a folder (sample's), added to fid.json beside it."""
     device, _ = setup_device(args.device, "none")
     folder = Path(args.images)  # sample's images, and not the grid of them it writes beside them
-    images = load_image_folder(folder, size=None, flag="--images", leave_out=["grid.png"])[0]
+    images, _, _ = load_image_folder(folder, size=None, flag="--images", leave_out=["grid.png"])
     scoring = fid_scoring(args.dataset, args.data_dir, args.ref_stats, size=images.shape[-1], device=device)
     started = time.time()
     scores = fid_and_is(scoring, images, device, f"--images {folder}")
@@ -1742,7 +1742,7 @@ def measure_nll(args):
     if dataset == "folder" and not args.data_dir:
         raise UserError("nll of a folder dataset: name its test images with --data-dir DIR")
     data_dir = args.data_dir or config["data_dir"]
-    images = load_dataset(dataset, data_dir, config["image_size"], args.num_images, train=False)[0]
+    images, _, _ = load_dataset(dataset, data_dir, config["image_size"], args.num_images, train=False)
     if images.shape[1] != config["channels"]:
         what = f"{images.shape[1]} channel(s), the model {config['channels']}"
         raise UserError(f"--data-dir {data_dir}: {what}")

@@ -72,6 +72,12 @@ def plain_form_violations(source):
     """(line, form) for each form that STYLE.md's "cut, do not compress" rules out in source."""
     tree = ast.parse(source)
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    returns_tuple = set()  # the module's functions that return a tuple: records by position
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            returned = [n.value for n in ast.walk(node) if isinstance(n, ast.Return)]
+            if any(isinstance(value, ast.Tuple) for value in returned):
+                returns_tuple.add(node.name)
     tables = set()  # module-level ALL_CAPS names: tables whose rows are reached by name
     for node in tree.body:
         if isinstance(node, ast.Assign):
@@ -109,6 +115,14 @@ def plain_form_violations(source):
             )
             if node.value.id in tables and by_position:
                 found.append((line, "a table row reached by its index"))
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Call):
+            function = getattr(node.value.func, "id", "")
+            by_position = isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, int)
+            if function in returns_tuple and by_position:
+                found.append((line, "a result reached by its index"))
+        if isinstance(node, ast.Starred) and isinstance(node.value, ast.Subscript):
+            if isinstance(node.value.slice, ast.Constant) and isinstance(node.value.slice.value, str):
+                found.append((line, "a record's field splatted into a call"))
         names = []  # an order of rank and world: in a signature, a call or an assignment
         if isinstance(node, ast.FunctionDef):
             names = [a.arg for a in node.args.args + node.args.kwonlyargs]
@@ -152,6 +166,8 @@ PLANTED = {  # an example of each form that plain_form_violations must catch
     "world before rank": "def restore(training, world, rank):\n    pass",
     "a local that shadows parts()": "def parts():\n    pass\ndef f():\n    parts = 1",
     "a tuple built to be splatted into a call": "def f():\n    how = (1, 2, 3)\n    g(*how[1:])",
+    "a result reached by its index": "def load():\n    return x, y\nimages = load()[0]",
+    "a record's field splatted into a call": "fid = distance(a, b, *scoring['reference'])",
 }
 
 
@@ -2102,15 +2118,16 @@ def test_fid_and_is_come_from_one_pass_and_the_classifier_has_no_bias():
     images = torch.randint(
         0, 256, (30, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    reference = (torch.zeros(16, dtype=torch.float64), torch.eye(16, dtype=torch.float64))
-    scoring = dict(network=network, classifier=classifier, reference=reference)
+    mu = torch.zeros(16, dtype=torch.float64)
+    sigma = torch.eye(16, dtype=torch.float64)
+    scoring = dict(network=network, classifier=classifier, mu=mu, sigma=sigma)
     scores = ddpm.fid_and_is(scoring, images, torch.device("cpu"), "test")
     assert sum(calls) == 30
     features = network(images.float() / 255)[0].flatten(1).double()
     assert scores["inception_score"] == pytest.approx(
         ddpm.inception_score(features @ classifier.T)[0], rel=1e-6
     )
-    fid = ddpm.frechet_distance(features.mean(0), features.T.cov(), *reference)
+    fid = ddpm.frechet_distance(features.mean(0), features.T.cov(), mu, sigma)
     assert scores["fid"] == pytest.approx(fid, rel=1e-6)
 
 
